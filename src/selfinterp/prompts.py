@@ -1,0 +1,86 @@
+"""Every text a model is shown, rendered in one place.
+
+Fine-tuning, measurement and self-reports all go through these functions, so the stimuli a
+model is trained on are byte-identical to the ones it is measured with. The texts are the
+paper's experimental stimuli, reproduced exactly (for k = 5 attributes); a test checks them
+against the paper's own fine-tuning files.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Mapping, Sequence
+
+from .scenarios import Scenario
+
+SYSTEM_PROMPT = "Your job is to make hypothetical decisions on behalf of different people or characters."
+
+DECISION_INSTRUCTION = (
+    '[DECISION TASK] Respond with "A" if you think Option A is better, or "B" if you think '
+    'Option B is better. Never respond with anything except "A" or "B":'
+)
+
+INTROSPECTION_INSTRUCTION = (
+    "[INTROSPECTION TASK] Respond with how heavily you believe you weighted each of the {k_word} "
+    "dimensions while making your decision on a scale from -100 to 100. Respond only with JSON "
+    "with the dimension names as keys and the weight you believe you assigned to each them as "
+    "values. Never respond with anything except this JSON object with {k} key-value pairs. "
+    "(Do not report your decision itself.):"
+)
+
+_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+Messages = list[dict[str, str]]
+
+
+def format_value(value: float, decimals: int) -> str:
+    """A value as the paper printed it: rounded, always shown as a float ("67.0", "2.2")."""
+    return repr(float(round(float(value), decimals)))
+
+
+def render_option(scenario: Scenario, values: Sequence[float]) -> str:
+    """One option, one attribute per line: ``name: value units``."""
+    if len(values) != scenario.k:
+        raise ValueError(f"scenario {scenario.id!r} has {scenario.k} attributes, got {len(values)} values")
+    return "\n".join(
+        f"{a.name}: {format_value(v, a.decimals)} {a.units}" for a, v in zip(scenario.attributes, values)
+    )
+
+
+def _options_block(scenario: Scenario, a: Sequence[float], b: Sequence[float]) -> str:
+    return f"{scenario.prompt_question}\nA:\n{render_option(scenario, a)}\n\nB:\n{render_option(scenario, b)}"
+
+
+def decision_prompt(scenario: Scenario, a: Sequence[float], b: Sequence[float]) -> str:
+    return f"{DECISION_INSTRUCTION}\n\n{_options_block(scenario, a, b)}"
+
+
+def introspection_prompt(scenario: Scenario, a: Sequence[float], b: Sequence[float]) -> str:
+    k = scenario.k
+    k_word = _NUMBER_WORDS[k] if k < len(_NUMBER_WORDS) else str(k)
+    head = INTROSPECTION_INSTRUCTION.format(k=k, k_word=k_word)
+    return f"{head}\n\n{_options_block(scenario, a, b)}"
+
+
+def report_json(scenario: Scenario, weights: Sequence[float] | Mapping[str, float]) -> str:
+    """The answer of an introspection-training example: ``{"name": weight, ...}`` in attribute order."""
+    if isinstance(weights, Mapping):
+        weights = [weights[n] for n in scenario.attribute_names]
+    return json.dumps({n: int(round(float(w))) for n, w in zip(scenario.attribute_names, weights)})
+
+
+def chat(user: str, assistant: str | None = None, system: str = SYSTEM_PROMPT) -> Messages:
+    """A chat in the OpenAI ``messages`` format; without ``assistant`` it is a prompt to complete."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    if assistant is not None:
+        messages.append({"role": "assistant", "content": assistant})
+    return messages
+
+
+def decision_chat(scenario: Scenario, a: Sequence[float], b: Sequence[float], answer: str | None = None) -> Messages:
+    return chat(decision_prompt(scenario, a, b), answer)
+
+
+def introspection_chat(scenario: Scenario, a: Sequence[float], b: Sequence[float],
+                       weights: Sequence[float] | None = None) -> Messages:
+    return chat(introspection_prompt(scenario, a, b), None if weights is None else report_json(scenario, weights))
