@@ -1,0 +1,262 @@
+"""Stage 6 of the protocol: from choices and self-reports to the paper's table.
+
+For each model found in a results directory (the paper's layout, see :mod:`selfinterp.layout`):
+
+1. learned weights: refit from the model's choices (:mod:`selfinterp.regression`), on the
+   instilled scenarios and on the native ones; the authors' ``regression_results`` are used
+   only when the choices are absent, and compared with the refit when both are there;
+2. per condition, r between the per-scenario mean report and the weights it should match,
+   with a bootstrap CI over scenarios (:mod:`selfinterp.stats`);
+3. the introspection-training effect: the trained model's held-out r minus the instilled
+   model's r on the same scenarios (paired bootstrap).
+
+The result is a plain dataclass tree; :func:`to_json` gives the stable ``results.json`` schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import layout, regression, stats
+
+K = 5
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One row of the paper's table: which reports are compared with which weights."""
+
+    name: str
+    label: str
+    reports: tuple[str, ...]  # kinds of report file; two kinds = held-out halves pooled
+    weights: str              # "learned", "native_learned" or "instilled"
+
+
+CONDITIONS: list[Condition] = [
+    Condition("instillation", "learned vs instilled weights", (), "instilled"),
+    Condition("base_reports", "base model's reports (control)", ("base_reports",), "learned"),
+    Condition("instilled_reports", "instilled model's reports", ("instilled_reports",), "learned"),
+    Condition("itrained_heldout", "after introspection training, held-out halves pooled",
+              ("itrained_first_reports", "itrained_last_reports"), "learned"),
+    Condition("itrained_first_half_trained", "trained on first half, reporting on second",
+              ("itrained_first_reports",), "learned"),
+    Condition("itrained_second_half_trained", "trained on second half, reporting on first",
+              ("itrained_last_reports",), "learned"),
+    Condition("native_instilled_reports", "native preferences: instilled model's reports",
+              ("native_instilled_reports",), "native_learned"),
+    Condition("native_itrained_reports", "native preferences: after training on all",
+              ("native_itrained_reports",), "native_learned"),
+]
+
+#: The training effects: (name, baseline condition, trained condition).
+EFFECTS = [
+    ("itrained_effect", "instilled_reports", "itrained_heldout"),
+    ("native_itrained_effect", "native_instilled_reports", "native_itrained_reports"),
+]
+
+
+@dataclass
+class ConditionResult:
+    r: float
+    ci: tuple[float, float]
+    n_scenarios: int
+    n_reports: int
+    sign_agreement: float
+    reliability: float | None = None   # split-half reliability of the mean reports
+    noise_ceiling: float | None = None  # sqrt(reliability): the r perfect weights could reach
+    n_choices: int | None = None        # for "instillation": the choices behind the learned weights
+    # Kept for figures, not written to results.json:
+    x: np.ndarray | None = field(default=None, repr=False)  # (S, k) mean reports or learned weights
+    y: np.ndarray | None = field(default=None, repr=False)  # (S, k) the weights compared with
+    scenarios: list[str] | None = field(default=None, repr=False)
+
+
+@dataclass
+class ModelResult:
+    conditions: dict[str, ConditionResult] = field(default_factory=dict)
+    effects: dict[str, stats.Difference] = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Analysis:
+    root: Path
+    models: dict[str, ModelResult]
+    n_boot: int
+    seed: int
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Learned:
+    weights: dict[str, np.ndarray]  # identified scenarios only
+    flags: dict[str, str]           # scenarios whose fit was not identified -> why
+    n_choices: int
+    source: str
+
+
+def learn(choices: layout.Choices, ranges: layout.Ranges) -> Learned:
+    """Refit every scenario's weights from its choices, in one vectorised fit."""
+    ids = list(dict.fromkeys(choices.scenario))  # first-seen order
+    unknown = [s for s in ids if s not in ranges.lo]
+    if unknown:
+        raise layout.LayoutError(f"choices name scenario(s) not in the scenario file: {', '.join(unknown[:5])}")
+    groups = []
+    for s in ids:
+        rows = choices.scenario == s
+        diff = ranges.normalise(s, choices.a[rows]) - ranges.normalise(s, choices.b[rows])
+        groups.append((diff, choices.target[rows]))
+    fit = regression.fit_preferences(*regression.pad(groups))
+    weights = {s: fit.weights[i] for i, s in enumerate(ids) if fit.flags[i] == ""}
+    flags = {s: str(fit.flags[i]) for i, s in enumerate(ids) if fit.flags[i] != ""}
+    return Learned(weights, flags, len(choices.target), "refit from choices")
+
+
+def _mean_reports(reports: layout.Reports) -> dict[str, np.ndarray]:
+    """scenario -> (n_reports, k) individual reports."""
+    return {s: reports.weights[reports.scenario == s] for s in dict.fromkeys(reports.scenario)}
+
+
+def _learned_weights(d: layout.Directory, model: str, ranges: layout.Ranges | None,
+                     choices_kind: str, regression_kind: str, diag: dict, key: str) -> dict[str, np.ndarray] | None:
+    files = d.files[model]
+    authors = layout.read_weights(files[regression_kind], K) if regression_kind in files else None
+    if choices_kind in files and ranges is not None:
+        learned = learn(layout.read_choices(files[choices_kind], K), ranges)
+        diag[key] = {"source": learned.source, "n_choices": learned.n_choices,
+                     "n_scenarios": len(learned.weights), "not_identified": learned.flags}
+        if authors is not None:
+            common = [s for s in learned.weights if s in authors]
+            if len(common) >= 2:
+                diag[key]["r_with_authors_regression"] = stats.pearson(
+                    np.array([learned.weights[s] for s in common]), np.array([authors[s] for s in common]))
+        return learned.weights
+    if authors is not None:
+        diag[key] = {"source": f"{files[regression_kind].name} (no choices to refit from)",
+                     "n_scenarios": len(authors)}
+        return authors
+    return None
+
+
+def analyze_model(d: layout.Directory, model: str, n_boot: int = stats.N_BOOT, seed: int = 0) -> ModelResult:
+    files = d.files[model]
+    result = ModelResult()
+    diag = result.diagnostics
+    ranges = layout.read_ranges(d.scenarios, K) if d.scenarios is not None else None
+    if ranges is None and ("selections" in files or "native_selections" in files):
+        diag["warning"] = f"{d.root} has no scenarios.csv or scenarios.json: choices cannot be refitted"
+    weight_sets = {
+        "learned": _learned_weights(d, model, ranges, "selections", "regression", diag, "learned_weights"),
+        "native_learned": _learned_weights(d, model, ranges, "native_selections", "native_regression", diag,
+                                           "native_learned_weights"),
+        "instilled": layout.read_weights(d.instilled_weights, K) if d.instilled_weights else None,
+    }
+    reports = {kind: layout.read_reports(files[kind], K) for kind in files if kind.endswith("_reports")}
+    diag["reports"] = {kind: {"file": files[kind].name, "n_reports": len(r.weights), "n_incomplete": r.n_incomplete}
+                       for kind, r in reports.items()}
+
+    for cond in CONDITIONS:
+        target = weight_sets[cond.weights]
+        if target is None:
+            continue
+        if cond.name == "instillation":
+            learned = weight_sets["learned"]
+            if learned is None:
+                continue
+            ids = [s for s in learned if s in target]
+            x = np.array([learned[s] for s in ids])
+            y = np.array([target[s] for s in ids])
+            if len(ids) < 2:
+                continue
+            c = stats.correlate(x, y, n_boot=n_boot, seed=seed)
+            result.conditions[cond.name] = ConditionResult(
+                c.r, c.ci, c.n_scenarios, 0, c.sign_agreement,
+                n_choices=diag.get("learned_weights", {}).get("n_choices"), x=x, y=y, scenarios=ids)
+            continue
+        if not all(kind in reports for kind in cond.reports):
+            continue
+        rows, strata, skipped = [], [], []
+        for g, kind in enumerate(cond.reports):
+            per_scenario = _mean_reports(reports[kind])
+            for s, reps in per_scenario.items():
+                if s in target:
+                    rows.append((s, reps))
+                    strata.append(g)
+                else:
+                    skipped.append(s)
+        if len(rows) < 2:
+            continue
+        x = np.array([reps.mean(axis=0) for _, reps in rows])
+        y = np.array([target[s] for s, _ in rows])
+        pooled = len(cond.reports) > 1
+        c = stats.correlate(x, y, np.array(strata) if pooled else None, n_boot=n_boot, seed=seed)
+        rel = stats.split_half_reliability([reps for _, reps in rows], seed=seed)
+        rel_out = None if np.isnan(rel) else rel
+        result.conditions[cond.name] = ConditionResult(
+            c.r, c.ci, c.n_scenarios, int(sum(len(reps) for _, reps in rows)), c.sign_agreement,
+            reliability=rel_out, noise_ceiling=None if rel_out is None else float(np.sqrt(max(rel_out, 0.0))),
+            x=stats.pooled_zscored([x[np.array(strata) == g] for g in range(len(cond.reports))]) if pooled else x,
+            y=stats.pooled_zscored([y[np.array(strata) == g] for g in range(len(cond.reports))]) if pooled else y,
+            scenarios=[s for s, _ in rows])
+        if skipped:
+            diag.setdefault("reports_without_weights", {})[cond.name] = sorted(set(skipped))
+
+    for name, base, trained in EFFECTS:
+        if base in result.conditions and trained in result.conditions:
+            result.effects[name] = _effect(result, reports, weight_sets, base, trained, n_boot, seed)
+    return result
+
+
+def _effect(result: ModelResult, reports: dict, weight_sets: dict, base: str, trained: str,
+            n_boot: int, seed: int) -> stats.Difference:
+    """Trained minus baseline r on the scenarios both have, paired over scenarios."""
+    cb = next(c for c in CONDITIONS if c.name == base)
+    ct = next(c for c in CONDITIONS if c.name == trained)
+    target = weight_sets[ct.weights]
+    trained_rows: dict[str, tuple[np.ndarray, int]] = {}
+    for g, kind in enumerate(ct.reports):
+        for s, reps in _mean_reports(reports[kind]).items():
+            trained_rows[s] = (reps.mean(axis=0), g)
+    base_rows = {s: reps.mean(axis=0) for s, reps in _mean_reports(reports[cb.reports[0]]).items()}
+    ids = [s for s in trained_rows if s in base_rows and s in target]
+    strata = np.array([trained_rows[s][1] for s in ids])
+    pooled = len(ct.reports) > 1
+    return stats.compare(np.array([base_rows[s] for s in ids]), np.array([trained_rows[s][0] for s in ids]),
+                         np.array([target[s] for s in ids]),
+                         strata if pooled else None, strata if pooled else None, n_boot=n_boot, seed=seed)
+
+
+def analyze(root: str | Path, n_boot: int = stats.N_BOOT, seed: int = 0) -> Analysis:
+    d = layout.scan(root)
+    if not d.models:
+        raise layout.LayoutError(
+            f"{root}: no results files found (expected names like <model>_instilled_selections.csv "
+            "or <model>_weight_reports.csv)")
+    return Analysis(Path(root), {m: analyze_model(d, m, n_boot, seed) for m in d.models}, n_boot, seed)
+
+
+def to_json(a: Analysis) -> dict:
+    """The stable results schema: models -> condition -> {r, ci, n_scenarios, n_reports, ...}."""
+    def cond(c: ConditionResult) -> dict:
+        out = {"r": c.r, "ci": list(c.ci), "n_scenarios": c.n_scenarios, "n_reports": c.n_reports,
+               "sign_agreement": c.sign_agreement}
+        for key in ("reliability", "noise_ceiling", "n_choices"):
+            if getattr(c, key) is not None:
+                out[key] = getattr(c, key)
+        return out
+
+    return {
+        "schema": "selfinterp.results/1",
+        "source": str(a.root),
+        "bootstrap": {"n_boot": a.n_boot, "seed": a.seed, "level": 0.95, "unit": "scenario"},
+        "models": {m: {name: cond(c) for name, c in r.conditions.items()} for m, r in a.models.items()},
+        "effects": {m: {name: {"diff": e.diff, "ci": list(e.ci), "n_scenarios": e.n_scenarios}
+                        for name, e in r.effects.items()} for m, r in a.models.items()},
+        "diagnostics": {m: r.diagnostics for m, r in a.models.items()},
+        "labels": {c.name: c.label for c in CONDITIONS},
+    }

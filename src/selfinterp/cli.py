@@ -1,0 +1,236 @@
+"""The ``selfinterp`` command line.
+
+Every command validates its inputs at the boundary and reports problems as one clear message
+naming the file and field (exit code 1), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+
+app = typer.Typer(help="Self-interpretability experiments on language models (Plunkett et al. 2025).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+scenarios_app = typer.Typer(help="The scenario bank and scenario files: list, show, validate.", no_args_is_help=True)
+app.add_typer(scenarios_app, name="scenarios")
+
+console = Console()
+if not console.is_terminal:  # logs and pipes: rich would assume 80 columns and fold the tables
+    console = Console(width=120)
+err = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(f"selfinterp {__version__}")
+
+
+# --------------------------------------------------------------------------------------------
+# scenarios
+
+
+def _load_scenarios(file: Optional[Path]):
+    from .scenarios import ScenarioError, load, load_bank
+
+    try:
+        return load(file, k=None) if file is not None else load_bank()
+    except ScenarioError as e:
+        fail(str(e))
+
+
+@scenarios_app.command("list")
+def scenarios_list(
+    file: Optional[Path] = typer.Argument(None, help="A scenario file (JSON, or the paper's scenarios.csv); default: the bundled bank."),
+    domain: Optional[str] = typer.Option(None, help="Only this domain (bundled bank)."),
+) -> None:
+    """List scenarios: id, domain, question, attributes."""
+    ss = _load_scenarios(file)
+    if domain:
+        ss = [s for s in ss if s.domain == domain]
+        if not ss:
+            fail(f"no scenarios in domain {domain!r}")
+    t = Table(title=f"{len(ss)} scenarios", show_lines=False)
+    for col in ("id", "domain", "question", "attributes"):
+        t.add_column(col, overflow="fold")
+    for s in ss:
+        t.add_row(s.id, s.domain, s.prompt_question, ", ".join(s.attribute_names))
+    console.print(t)
+
+
+@scenarios_app.command("show")
+def scenarios_show(
+    scenario_id: str = typer.Argument(..., help="The scenario's id."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Scenario file; default: the bundled bank."),
+    seed: int = typer.Option(0, help="Seed for the example weights and pair."),
+) -> None:
+    """Show one scenario: its attributes, example instilled weights, and the prompts it yields."""
+    from . import design, prompts
+
+    ss = {s.id: s for s in _load_scenarios(file)}
+    if scenario_id not in ss:
+        fail(f"no scenario {scenario_id!r}" + (f" in {file}" if file else " in the bundled bank"))
+    s = ss[scenario_id]
+    w = design.draw_weights(s, seed)
+    t = Table(title=f"{s.id} ({s.domain or 'no domain'}): {s.prompt_question}")
+    for col in ("attribute", "units", "min", "max", "decimals", f"weight (seed {seed})"):
+        t.add_column(col)
+    for a, wi in zip(s.attributes, w):
+        t.add_row(a.name, a.units, f"{a.min:g}", f"{a.max:g}", str(a.decimals), str(wi))
+    console.print(t)
+    pair = design.sample_pairs(s, 1, seed, weights=w)[0]
+    console.rule("decision prompt")
+    console.print(prompts.decision_prompt(s, pair.a, pair.b), highlight=False, markup=False)
+    console.print(f"-> simulated choice: {design.simulated_choice(s, w, pair)}")
+
+
+@scenarios_app.command("validate")
+def scenarios_validate(
+    file: Path = typer.Argument(..., help="A scenario file: JSON list, or the paper's scenarios.csv."),
+    k: int = typer.Option(5, help="Required number of attributes per scenario (0: any)."),
+) -> None:
+    """Check a scenario file and print every problem with its location (exit code 1 if any)."""
+    from .scenarios import validate_file
+
+    scenarios, problems = validate_file(file, k=k or None)
+    if problems:
+        for p in problems:
+            err.print(f"[red]{p.location}[/]: {p.message}", highlight=False)
+        err.print(f"{len(problems)} problem(s) in {file}")
+        raise typer.Exit(1)
+    console.print(f"{file}: {len(scenarios)} scenarios, all valid")
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+@app.command()
+def export(
+    out: Path = typer.Argument(..., help="Directory to write the datasets into."),
+    scenarios_file: Optional[Path] = typer.Option(None, "--scenarios", help="Scenario file; default: the bundled bank."),
+    roles_file: Optional[Path] = typer.Option(None, "--roles", help="Roles CSV (column 'role'); default: the bundled roles. Ignored for scenarios.csv, whose questions carry roles."),
+    n_scenarios: int = typer.Option(100, help="How many scenarios to instil (drawn with the seed from the bank; the first N of a file)."),
+    n_train: int = typer.Option(50, help="Preference examples per scenario."),
+    n_val: int = typer.Option(10, help="Validation examples per scenario."),
+    n_introspection: int = typer.Option(1, help="Introspection-training examples per scenario."),
+    counterbalance: bool = typer.Option(False, help="Also show every pair with A and B swapped (the paper did not)."),
+    seed: int = typer.Option(0, help="Seed of every draw."),
+) -> None:
+    """Write the fine-tuning datasets (OpenAI chat JSONL) of a study, for any trainer or service."""
+    from . import design
+    from .scenarios import ScenarioError, assign_roles, load_bundled_roles, load_roles
+
+    ss = _load_scenarios(scenarios_file)
+    if n_scenarios < 1 or n_train < 1 or n_val < 0 or n_introspection < 0:
+        fail("--n-scenarios and --n-train must be >= 1, --n-val and --n-introspection >= 0")
+    if n_scenarios > len(ss):
+        fail(f"--n-scenarios {n_scenarios} is more than the {len(ss)} scenarios available")
+    if scenarios_file is None:
+        ss = random.Random(seed).sample(ss, n_scenarios)
+    else:
+        ss = ss[:n_scenarios]
+    if scenarios_file is None or scenarios_file.suffix != ".csv":
+        try:
+            roles = load_roles(roles_file) if roles_file else load_bundled_roles()
+        except ScenarioError as e:
+            fail(str(e))
+        ss = assign_roles(ss, roles, seed)
+    counts = design.export(ss, out, seed=seed, n_train=n_train, n_val=n_val,
+                           n_introspection=n_introspection, counterbalance=counterbalance)
+    t = Table(title=f"datasets in {out}")
+    t.add_column("file")
+    t.add_column("examples", justify="right")
+    for name, n in counts.items():
+        t.add_row(name, str(n))
+    console.print(t)
+
+
+# --------------------------------------------------------------------------------------------
+# analyze
+
+
+@app.command()
+def analyze(
+    directory: Path = typer.Argument(..., help="A results directory in the paper's layout (or a selfinterp run)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write results.json and figures (default: DIRECTORY/analysis)."),
+    n_boot: int = typer.Option(2000, help="Bootstrap resamples for the CIs."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    figures: bool = typer.Option(True, help="Write PNG figures."),
+) -> None:
+    """Reproduce the paper's table: accuracy of self-reports per model and condition."""
+    from . import analysis
+    from .layout import LayoutError
+
+    if n_boot < 1:
+        fail("--n-boot must be >= 1")
+    try:
+        a = analysis.analyze(directory, n_boot=n_boot, seed=seed)
+    except LayoutError as e:
+        fail(str(e))
+    out = out or (directory / "analysis")
+    out.mkdir(parents=True, exist_ok=True)
+    results = analysis.to_json(a)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out / "results.json")
+    print_results(results)
+    written = []
+    if figures:
+        from .figures import write_all
+
+        written = write_all(a, out)
+    console.print(f"wrote {out / 'results.json'}" + (f" and {len(written)} figures" if written else ""))
+
+
+_CAPTION = ("r: Pearson r over scenario x attribute cells (mean report vs learned weights; instillation: learned vs "
+            "instilled); CI: 95% bootstrap over scenarios; sign: sign agreement; ceiling: sqrt of the reports' "
+            "split-half reliability; *_effect: trained minus untrained r on the same scenarios.")
+
+
+def print_results(results: dict) -> None:
+    for model, conds in results["models"].items():
+        t = Table(title=model, title_justify="left", caption=_CAPTION, caption_justify="left")
+        for col, just in (("condition", "left"), ("r", "right"), ("95% CI", "right"), ("scen.", "right"),
+                          ("reports", "right"), ("sign", "right"), ("ceiling", "right")):
+            t.add_column(col, justify=just, no_wrap=True)
+        for name, c in conds.items():
+            ceiling = c.get("noise_ceiling")
+            t.add_row(name, f"{c['r']:.3f}", f"[{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]",
+                      str(c["n_scenarios"]), str(c["n_reports"]) if c["n_reports"] else f"({c.get('n_choices', 0)} choices)",
+                      f"{c['sign_agreement']:.2f}", "" if ceiling is None else f"{ceiling:.2f}")
+        for name, e in results["effects"].get(model, {}).items():
+            t.add_row(f"[italic]{name}[/]", f"{e['diff']:+.3f}", f"[{e['ci'][0]:+.2f}, {e['ci'][1]:+.2f}]",
+                      str(e["n_scenarios"]), "", "", "")
+        console.print(t)
+        flags = results["diagnostics"][model]
+        for key in ("learned_weights", "native_learned_weights"):
+            if flags.get(key, {}).get("not_identified"):
+                err.print(f"[yellow]{model}: {len(flags[key]['not_identified'])} scenario(s) without identified "
+                          f"{key.replace('_', ' ')} (left out): {flags[key]['not_identified']}[/]")
+
+
+# Model commands live with the models (they import torch lazily, when run).
+try:
+    from .models import app as models_app
+
+    app.add_typer(models_app, name="models")
+except ImportError:  # pragma: no cover - the models module is part of the package
+    pass
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,781 @@
+"""Fine-tuning a local model on chat examples: LoRA or full, completion-only loss, CPU-first.
+
+The protocol fine-tunes twice: once to instil preferences (the answer is "A" or "B"), once to
+train correct self-reports (the answer is a JSON object). Both are the same job: given chats in
+the OpenAI messages format, teach the model the assistant's last turn.
+
+Read top to bottom:
+
+1. :class:`FinetuneConfig` - every hyper-parameter, recorded verbatim in the manifest.
+2. :func:`tokenize_example` - prompt and answer tokens, with the loss on the answer only. The
+   prompt is rendered by :mod:`selfinterp.chat_template` exactly as measurement renders it.
+3. The decoder split - :func:`lower_hidden` / :func:`top_logits` run the frozen lower layers
+   and the trained top layers separately, so the lower layers' output can be computed once
+   per example and reused every epoch (on a CPU that is most of the cost of a step).
+4. :func:`finetune` - a short training loop driven by ``accelerate`` (one process, or DDP under
+   ``accelerate launch``), with atomic checkpoints, resume, and a manifest.
+5. :func:`load_finetuned` - the trained model back from its output directory.
+
+Why not HF ``Trainer`` / TRL ``SFTTrainer``: they feed token ids through the whole model every
+step and cannot train on cached activations, which is the main CPU speed-up here (3-7x); the
+loop below is short enough to read in one sitting.
+
+Run distributed with ``accelerate launch [--cpu] --num_processes N -m selfinterp.finetune
+--base MODEL --train train.jsonl --out DIR [--val val.jsonl] [--config '{"epochs": 3}']``.
+
+This module imports torch; ``import selfinterp`` never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import chat_template
+
+IGNORE = -100  # label value that cross-entropy ignores (prompt and padding positions)
+MANIFEST = "manifest.json"
+ADAPTER_DIR = "adapter"  # peft save_pretrained output (method "lora")
+TRAINED_WEIGHTS = "trained.safetensors"  # the trained parameters (method "full")
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINTS = "checkpoints"
+
+# Attention and MLP projections of Llama/Qwen/Mistral/Gemma-style decoders.
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Configuration
+
+
+@dataclass
+class FinetuneConfig:
+    method: Literal["lora", "full"] = "lora"
+    # None trains every decoder layer; k trains only the top k (LoRA adapters or full weights).
+    # Embeddings and the LM head stay frozen in both methods: they are tied in the small models,
+    # and training them would change the input of every layer (and defeat the cache below).
+    layers: int | None = None
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    lr: float = 2e-4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the linear warm-up
+    warmup_ratio: float = 0.05
+    epochs: int = 3
+    # Examples per optimizer step over all processes, so a config means the same optimisation on
+    # one CPU or eight GPUs. Each process takes batch_size / world_size of them, in grad_accum
+    # micro-batches (for memory only: the step is the same).
+    batch_size: int = 16
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_length: int = 1024  # longer examples are an error, never silently truncated
+    # With `layers` = k: run the frozen lower layers once per example and train the top k on the
+    # stored hidden states (identical logits; checked on the first batch). CPU memory:
+    # examples x tokens x hidden x 4 bytes (float32) or 2 (bfloat16, which rounds the cache).
+    cache_lower_layers: bool = False
+    cache_dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights (fp32 + autocast was fastest on CPU)
+    autocast: Literal["bfloat16", "float16"] | None = "bfloat16"  # None: compute in `dtype`
+    checkpoint_every: int | None = None  # optimizer steps; a checkpoint is also written every epoch
+    keep_checkpoints: int = 1  # older ones are deleted once a newer one is complete
+
+    def __post_init__(self) -> None:
+        self.lora_target_modules = tuple(self.lora_target_modules)
+        if self.method not in ("lora", "full"):
+            raise ValueError(f"method must be 'lora' or 'full', not {self.method!r}")
+        if self.layers is not None and self.layers < 1:
+            raise ValueError("layers must be None (all) or a positive number of top layers")
+        if self.cache_lower_layers and self.layers is None:
+            raise ValueError("cache_lower_layers needs `layers` = k: with every layer trained there is nothing to cache")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
+            raise ValueError("batch_size, grad_accum and epochs must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lora_target_modules"] = list(self.lora_target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Tokenisation with completion-only labels
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on the prompt; the answer and its end-of-turn marker are supervised
+    folded_system: bool  # the template has no system role: the system prompt went into the first user turn
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+def tokenize_example(tok: Any, messages: Sequence[dict[str, str]], max_length: int = 1024,
+                     system_role: bool | None = None) -> TokenizedExample:
+    """Prompt tokens (masked) followed by answer tokens (supervised).
+
+    The prompt and the answer are tokenised *separately*: the prompt's tokens are then exactly
+    those measurement feeds the model (it tokenises the same rendered prompt), and the first
+    supervised token is exactly the one the choice scorer reads. The answer text is what the
+    template adds after the generation prompt, e.g. ``A<|im_end|>`` (ChatML) or
+    ``A<|eot_id|>`` (Llama 3); whitespace the template writes after the end-of-turn marker is
+    dropped, since nothing is generated after the marker.
+    """
+    prompt, answer = chat_template.prompt_and_answer(tok, messages, system_role=system_role)
+    folded = chat_template.render(tok, messages[:-1], add_generation_prompt=True, system_role=system_role).folded_system \
+        if system_role is not None else not chat_template.supports_system(tok) and messages[0]["role"] == "system"
+    answer = answer.rstrip()
+    # Templates write their own BOS (as text) where they want one: add no special tokens.
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+    if not answer_ids:
+        raise ValueError("the chat's answer is empty")
+    n = len(prompt_ids) + len(answer_ids)
+    if n > max_length:
+        raise ValueError(f"example has {n} tokens > max_length {max_length}; raise max_length "
+                         "(truncating would train on prompts that measurement never shows)")
+    return TokenizedExample(input_ids=prompt_ids + answer_ids,
+                            labels=[IGNORE] * len(prompt_ids) + answer_ids,
+                            folded_system=bool(folded))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Running the decoder in two parts (for the lower-layer cache)
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack (``LlamaModel``, ``Qwen2Model``...) inside an HF or peft causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", None)
+    for name in ("layers", "rotary_emb", "norm", "embed_tokens"):
+        if inner is None or not hasattr(inner, name):
+            raise NotImplementedError(
+                f"{type(base).__name__}: training on cached lower layers supports Llama/Qwen2-style "
+                "decoders (model.model.{embed_tokens, layers, rotary_emb, norm}); "
+                "use cache_lower_layers=False for this architecture")
+    return inner
+
+
+def _lm_head(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings()
+
+
+def n_layers(model: nn.Module) -> int:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return int(base.config.num_hidden_layers)
+
+
+def _run_layers(backbone: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                start: int, stop: int) -> torch.Tensor:
+    """Decoder layers [start, stop) on right-padded hidden states, as the model's forward runs them.
+
+    Mirrors ``LlamaModel.forward`` / ``Qwen2Model.forward`` (transformers 5): absolute positions
+    0..T-1 (right padding), one causal mask per attention type, shared rotary embeddings.
+    """
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    config = backbone.config
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    kw = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
+              past_key_values=None, position_ids=position_ids)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    masks = {"full_attention": create_causal_mask(**kw)}
+    if "sliding_attention" in layer_types[start:stop]:
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+    unknown = set(layer_types[start:stop]) - set(masks)
+    if unknown:
+        raise NotImplementedError(f"attention types {sorted(unknown)} are not supported by the lower-layer cache")
+    position_embeddings = backbone.rotary_emb(hidden, position_ids)
+    for i in range(start, stop):
+        hidden = backbone.layers[i](hidden, attention_mask=masks[layer_types[i]], position_ids=position_ids,
+                                    position_embeddings=position_embeddings, past_key_values=None, use_cache=False)
+    return hidden
+
+
+def lower_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 first_trained: int) -> torch.Tensor:
+    """The hidden state entering decoder layer ``first_trained`` (what the cache stores)."""
+    backbone = _backbone(model)
+    return _run_layers(backbone, backbone.embed_tokens(input_ids), attention_mask, 0, first_trained)
+
+
+def top_hidden(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
+               first_trained: int) -> torch.Tensor:
+    """Final (normed) hidden states from the input of layer ``first_trained``."""
+    backbone = _backbone(model)
+    hidden = _run_layers(backbone, hidden, attention_mask, first_trained, len(backbone.layers))
+    return backbone.norm(hidden)
+
+
+def top_logits(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
+               first_trained: int) -> torch.Tensor:
+    """Logits at every position from cached lower-layer hidden states."""
+    return _lm_head(model)(top_hidden(model, hidden, attention_mask, first_trained))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Training
+
+
+@dataclass
+class FinetunedModel:
+    """A fine-tuned model's reference: its output directory and what the manifest says."""
+
+    path: Path
+    base_model: str
+    method: str
+    manifest: dict[str, Any]
+    model: Any = field(default=None, repr=False, compare=False)  # the trained model, in the process that trained it
+
+    def load(self, **kw: Any) -> tuple[Any, Any]:
+        return load_finetuned(self.path, **kw)
+
+
+def read_examples(data: str | Path | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Examples ({"messages": [...]}) from a list or a JSONL file."""
+    if isinstance(data, (str, Path)):
+        with open(data, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    return list(data)
+
+
+def data_sha256(examples: Sequence[dict[str, Any]]) -> str:
+    """Hash of the examples as canonical JSON lines (independent of the file's formatting)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps(ex, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_base(base_model: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """(model, tokenizer) from an HF directory / hub id, or a ``.gguf`` file (de-quantised)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = str(base_model)
+    if spec.endswith(".gguf"):
+        p = Path(spec)
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=_DTYPES[dtype])
+        model.hf_quantizer = None  # weights are already floats; lets save_pretrained/peft work
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    else:
+        tok = AutoTokenizer.from_pretrained(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=_DTYPES[dtype])
+    return model, tok
+
+
+def _prepare_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Module, int]:
+    """Wrap with LoRA or unfreeze the selected layers; returns (model, first trained layer)."""
+    n = n_layers(model)
+    k = n if config.layers is None else min(config.layers, n)
+    first = n - k
+    model.requires_grad_(False)
+    if config.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM",
+            layers_to_transform=list(range(first, n)) if config.layers is not None else None,
+            layers_pattern="layers" if config.layers is not None else None,
+        )
+        model = get_peft_model(model, lora)
+    else:
+        backbone = _backbone(model)
+        for layer in backbone.layers[first:]:
+            layer.requires_grad_(True)
+        backbone.norm.requires_grad_(True)  # the final norm sits above every trained layer
+    return model, first
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    unknown = [n for n in state if n not in params]
+    if missing or unknown:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+class _LossModule(nn.Module):
+    """Summed cross-entropy on the supervised tokens; one module so DDP sees every forward.
+
+    Logits are computed only where a label is supervised: with a 49k-262k vocabulary the LM
+    head over all positions would dominate a step whose answer is a single token.
+    """
+
+    def __init__(self, model: nn.Module, first_trained: int, cached: bool):
+        super().__init__()
+        self.model = model
+        self.first_trained = first_trained
+        self.cached = cached
+
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.cached:
+            hidden = top_hidden(self.model, inputs, attention_mask, self.first_trained)
+        else:
+            hidden = _backbone_or_base(self.model)(input_ids=inputs, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        logits = _lm_head(self.model)(hidden[:, :-1][keep]).float()
+        return F.cross_entropy(logits, targets[keep], reduction="sum")
+
+
+def _backbone_or_base(model: nn.Module) -> nn.Module:
+    """The decoder stack for the uncached path (any architecture with ``base_model.model``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder() if hasattr(base, "get_decoder") else base.model
+
+
+def _collate(rows: Sequence[tuple[torch.Tensor, list[int]]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Right-pad a micro-batch of (token ids or cached hidden states, labels)."""
+    T = max(len(lab) for _, lab in rows)
+    first = rows[0][0]
+    if first.dim() == 1:  # token ids; pad id is irrelevant (masked)
+        inputs = torch.zeros(len(rows), T, dtype=torch.long)
+    else:  # cached hidden states (T_i, H)
+        inputs = torch.zeros(len(rows), T, first.shape[-1], dtype=first.dtype)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    for i, (x, lab) in enumerate(rows):
+        inputs[i, : len(lab)] = x
+        mask[i, : len(lab)] = 1
+        labels[i, : len(lab)] = torch.tensor(lab)
+    return inputs.to(device), mask.to(device), labels.to(device)
+
+
+def _autocast(config: FinetuneConfig, device: torch.device):
+    if config.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[config.autocast])
+
+
+def _build_cache(model: nn.Module, examples: Sequence[TokenizedExample], first: int, config: FinetuneConfig,
+                 device: torch.device, batch: int = 16, progress: Any = None) -> list[torch.Tensor]:
+    """Hidden states entering layer ``first`` for each example (unpadded, on CPU, cache_dtype).
+
+    Examples are run in length-sorted batches (little padding; right padding leaves the real
+    tokens' states unchanged under a causal mask).
+    """
+    out: list[torch.Tensor | None] = [None] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    task = progress.add_task("caching lower layers", total=len(order)) if progress else None
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(order), batch):
+            idx = order[s: s + batch]
+            ids, mask, _ = _collate([(torch.tensor(examples[i].input_ids), examples[i].labels) for i in idx], device)
+            with _autocast(config, device):
+                h = lower_hidden(model, ids, mask, first)
+                if s == 0:  # the split must reproduce the model's own forward (architecture check)
+                    _check_split(model, ids, mask, h, first)
+            for j, i in enumerate(idx):
+                out[i] = h[j, : len(examples[i].input_ids)].to("cpu", _DTYPES[config.cache_dtype]).clone()
+            if progress:
+                progress.advance(task, len(idx))
+    if progress:
+        progress.remove_task(task)
+    return out  # type: ignore[return-value]
+
+
+def _check_split(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, h: torch.Tensor, first: int) -> None:
+    full = _backbone_or_base(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    split = top_hidden(model, h, mask, first)
+    real = mask.bool()
+    err = (full[real] - split[real]).abs().max().item()
+    scale = full[real].abs().max().item()
+    if not err <= 1e-3 * max(scale, 1.0):
+        raise NotImplementedError(
+            f"{type(model).__name__}: running the decoder in two parts does not reproduce its forward "
+            f"(max difference {err:.3g}); the lower-layer cache does not support this architecture")
+
+
+def _schedule(optimizer: torch.optim.Optimizer, config: FinetuneConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[config.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("selfinterp", "torch", "transformers", "peft", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _latest_checkpoint(out_dir: Path) -> Path | None:
+    # Only complete checkpoints carry the step-N name (they are renamed into place when done).
+    ckpts = sorted((out_dir / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]],
+             val: str | Path | Iterable[dict[str, Any]] | None, config: FinetuneConfig, out_dir: str | Path,
+             resume: bool = True, progress: bool = True,
+             callback: Callable[[dict[str, Any]], None] | None = None) -> FinetunedModel:
+    """Fine-tune ``base_model`` on ``train`` and write the result to ``out_dir``.
+
+    ``base_model``: an HF model directory or hub id, or a ``.gguf`` file. ``train``/``val``:
+    lists of {"messages": [...]} or JSONL paths. With ``resume`` an interrupted run continues
+    from its last checkpoint (same config and data required) and a finished run is returned as
+    is. ``callback`` receives each optimizer step's log record (raise in it to stop a run).
+    Under ``accelerate launch`` every process calls this; rank 0 writes the files.
+    """
+    from accelerate import Accelerator
+    from safetensors.torch import load_file, save_file
+
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    accelerator = Accelerator(mixed_precision="no")  # autocast is ours (config.autocast): same on CPU and GPU
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    main = accelerator.is_main_process
+
+    train_rows, val_rows = read_examples(train), read_examples(val) if val is not None else []
+    data_info = {"train": {"n": len(train_rows), "sha256": data_sha256(train_rows)},
+                 "val": {"n": len(val_rows), "sha256": data_sha256(val_rows)}}
+    for name, src in (("train", train), ("val", val)):
+        if isinstance(src, (str, Path)):
+            data_info[name]["path"] = str(Path(src).resolve())
+    identity = {"base_model": str(base_model), "config": config.to_dict(),
+                "data": {k: v["sha256"] for k, v in data_info.items()}}
+
+    # A finished run with the same identity is returned as is.
+    manifest_path = out_dir / MANIFEST
+    if resume and manifest_path.exists():
+        done = json.loads(manifest_path.read_text())
+        if {k: done.get(k) for k in ("base_model", "config")} == {k: identity[k] for k in ("base_model", "config")} \
+                and {k: v["sha256"] for k, v in done["data"].items()} == identity["data"]:
+            return FinetunedModel(out_dir, done["base_model"], done["config"]["method"], done)
+        raise FileExistsError(f"{out_dir} holds a different finished run; choose another out_dir")
+
+    # Per-process micro-batches: batch_size examples per step over all processes.
+    if config.batch_size % (world * config.grad_accum):
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by processes x grad_accum "
+                         f"= {world} x {config.grad_accum}")
+    per_rank = config.batch_size // world
+    micro = per_rank // config.grad_accum
+
+    # ---- model and data
+    torch.manual_seed(config.seed)  # same LoRA initialisation in every process
+    model, tok = load_base(base_model, config.dtype)
+    model.to(device)
+    system_role = chat_template.supports_system(tok)
+    train_ex = [tokenize_example(tok, r["messages"], config.max_length, system_role) for r in train_rows]
+    val_ex = [tokenize_example(tok, r["messages"], config.max_length, system_role) for r in val_rows]
+    if not train_ex:
+        raise ValueError("no training examples")
+    folded_system = any(e.folded_system for e in train_ex + val_ex)
+    model, first = _prepare_trainable(model, config)
+    cached = config.cache_lower_layers and first > 0
+
+    # Each process owns a fixed shard (wrapped round so all shards are equally long, as
+    # DistributedSampler does): its cache is computed once and it shuffles its shard each epoch.
+    n_shard = math.ceil(len(train_ex) / world)
+    shard = [(rank + world * j) % len(train_ex) for j in range(n_shard)]
+    val_shard = list(range(rank, len(val_ex), world))
+    steps_per_epoch = math.ceil(n_shard / per_rank)
+    total_steps = steps_per_epoch * config.epochs
+
+    bar = None
+    if progress and main:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                       TimeRemainingColumn(), transient=False)
+        bar.start()
+    bar_cache = None
+    if bar is not None:
+        class _CacheBar:  # the cache phase shows in the same live display, without a loss field
+            def add_task(self, d, total):
+                return bar.add_task(d, total=total, info="")
+            def advance(self, t, n):
+                bar.advance(t, n)
+            def remove_task(self, t):
+                bar.remove_task(t)
+        bar_cache = _CacheBar()
+
+    t_cache = time.time()
+    train_inputs: list[torch.Tensor]
+    if cached:
+        train_inputs = dict(zip(shard, _build_cache(model, [train_ex[i] for i in shard], first, config, device,
+                                                    progress=bar_cache)))
+        val_inputs = dict(zip(val_shard, _build_cache(model, [val_ex[i] for i in val_shard], first, config,
+                                                      device, progress=bar_cache)))
+    else:
+        train_inputs = {i: torch.tensor(train_ex[i].input_ids) for i in shard}
+        val_inputs = {i: torch.tensor(val_ex[i].input_ids) for i in val_shard}
+    cache_seconds = time.time() - t_cache if cached else 0.0
+
+    loss_module = accelerator.prepare(_LossModule(model, first, cached))
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms and biases
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    optimizer = accelerator.prepare(optimizer)
+    # The scheduler is not prepared: accelerate would step it once per process.
+    scheduler = _schedule(optimizer, config, total_steps)
+
+    # ---- resume
+    state: dict[str, Any] = {"step": 0, "step_losses": [], "epoch_losses": [], "wall_seconds": 0.0}
+    ckpt = _latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        saved = json.loads((ckpt / "state.json").read_text())
+        if saved["identity"] != identity:
+            raise ValueError(f"{ckpt} was written with another config or data; use resume=False or another out_dir")
+        _load_trainable_state(model, load_file(str(ckpt / "trainable.safetensors")))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=False))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+        rng_file = ckpt / f"rng-{rank}.pt"
+        if rng_file.exists() and saved.get("world_size") == world:
+            torch.set_rng_state(torch.load(rng_file, weights_only=False)["cpu"])
+        state = saved["state"]
+    else:
+        torch.manual_seed(config.seed * 1000 + rank)  # dropout differs per process
+    wall_before = state["wall_seconds"]
+
+    def save_checkpoint() -> None:
+        step = state["step"]
+        tmp = out_dir / CHECKPOINTS / f"tmp-step-{step}"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save({"cpu": torch.get_rng_state()}, tmp / f"rng-{rank}.pt")
+        accelerator.wait_for_everyone()
+        if main:
+            save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            state["wall_seconds"] = wall_before + time.time() - t_start
+            _atomic_json(tmp / "state.json", {"identity": identity, "world_size": world, "state": state})
+            final = out_dir / CHECKPOINTS / f"step-{step}"
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # a checkpoint exists under its name only when complete
+            older = sorted((out_dir / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+            for p in older[: -config.keep_checkpoints]:
+                shutil.rmtree(p, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def evaluate() -> float | None:
+        if not val_ex:
+            return None
+        model.eval()
+        tot = torch.zeros(2, device=device)
+        with torch.no_grad():
+            for s in range(0, len(val_shard), micro):
+                idx = val_shard[s: s + micro]
+                x, m, y = _collate([(val_inputs[i], val_ex[i].labels) for i in idx], device)
+                with _autocast(config, device):
+                    tot[0] += loss_module.module(x, m, y) if hasattr(loss_module, "module") else loss_module(x, m, y)
+                tot[1] += (y[:, 1:] != IGNORE).sum()
+        tot = accelerator.reduce(tot, reduction="sum")
+        model.train()
+        return (tot[0] / tot[1]).item()
+
+    # ---- train
+    task = bar.add_task("fine-tuning", total=total_steps, completed=state["step"], info="") if bar else None
+    model.train()
+    for epoch in range(state["step"] // steps_per_epoch, config.epochs):
+        order = np.random.default_rng([config.seed, epoch, rank]).permutation(shard).tolist()
+        epoch_sum = torch.zeros(2, device=device)
+        for b in range(state["step"] % steps_per_epoch if epoch == state["step"] // steps_per_epoch else 0,
+                       steps_per_epoch):
+            step_idx = order[b * per_rank: (b + 1) * per_rank]
+            micro_batches = [step_idx[i: i + micro] for i in range(0, len(step_idx), micro)]
+            # Normalise by the step's supervised tokens in this process, so micro-batching does not
+            # change the gradient; DDP then averages over processes.
+            n_tok = sum(train_ex[i].n_supervised for i in step_idx)
+            step_sum = torch.zeros(2, device=device)
+            for j, idx in enumerate(micro_batches):
+                x, m, y = _collate([(train_inputs[i], train_ex[i].labels) for i in idx], device)
+                sync = contextlib.nullcontext() if j == len(micro_batches) - 1 else accelerator.no_sync(loss_module)
+                with sync:
+                    with _autocast(config, device):
+                        loss_sum = loss_module(x, m, y)
+                    accelerator.backward(loss_sum / n_tok)
+                step_sum += torch.stack([loss_sum.detach().float(), torch.tensor(float(sum(
+                    train_ex[i].n_supervised for i in idx)), device=device)])
+            if config.grad_clip is not None:
+                accelerator.clip_grad_norm_(params, config.grad_clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_sum = accelerator.reduce(step_sum, reduction="sum")
+            epoch_sum += step_sum
+            state["step"] += 1
+            record = {"step": state["step"], "epoch": epoch + 1, "loss": (step_sum[0] / step_sum[1]).item(), "lr": lr}
+            state["step_losses"].append(record)
+            if bar:
+                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{config.epochs} loss {record['loss']:.4f}")
+            if callback:
+                callback(record)
+            if config.checkpoint_every and state["step"] % config.checkpoint_every == 0 \
+                    and state["step"] % steps_per_epoch:
+                save_checkpoint()
+        # Only steps run in this session count towards this epoch's sum after a resume, so the
+        # epoch's train loss is the mean of its per-step losses as recorded.
+        ep_steps = [r["loss"] for r in state["step_losses"] if r["epoch"] == epoch + 1]
+        state["epoch_losses"].append({"epoch": epoch + 1, "train_loss": float(np.mean(ep_steps)),
+                                      "val_loss": evaluate()})
+        save_checkpoint()
+    if bar:
+        bar.stop()
+
+    # ---- final output: the adapter / trained weights, the tokenizer, then the manifest (last,
+    # atomically: its presence marks a finished run)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if config.method == "lora":
+            tmp = out_dir / (ADAPTER_DIR + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            shutil.rmtree(out_dir / ADAPTER_DIR, ignore_errors=True)
+            os.replace(tmp, out_dir / ADAPTER_DIR)
+        else:
+            save_file(_trainable_state(model), str(out_dir / (TRAINED_WEIGHTS + ".tmp")))
+            os.replace(out_dir / (TRAINED_WEIGHTS + ".tmp"), out_dir / TRAINED_WEIGHTS)
+        tok.save_pretrained(out_dir / TOKENIZER_DIR)
+        manifest = {
+            "base_model": str(base_model),
+            "method": config.method,
+            "config": config.to_dict(),
+            "seed": config.seed,
+            "data": data_info,
+            "folded_system": folded_system,
+            "first_trained_layer": first,
+            "num_layers": n_layers(model),
+            "trainable_parameters": sum(p.numel() for p in params),
+            "world_size": world,
+            "device": device.type,
+            "steps": state["step"],
+            "steps_per_epoch": steps_per_epoch,
+            "step_losses": state["step_losses"],
+            "epoch_losses": state["epoch_losses"],
+            "val_loss": state["epoch_losses"][-1]["val_loss"] if state["epoch_losses"] else None,
+            "cache_seconds": cache_seconds,
+            "wall_seconds": wall_before + time.time() - t_start,
+            "versions": _versions(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        _atomic_json(manifest_path, manifest)
+    accelerator.wait_for_everyone()
+    manifest = json.loads(manifest_path.read_text())
+    model.eval()
+    return FinetunedModel(out_dir, str(base_model), config.method, manifest, model=model)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Loading
+
+
+def load_finetuned(out_dir: str | Path, dtype: str | None = None, device: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) as they were at the end of training, in eval mode."""
+    out_dir = Path(out_dir)
+    manifest = json.loads((out_dir / MANIFEST).read_text())
+    config = FinetuneConfig.from_dict(manifest["config"])
+    model, tok = load_base(manifest["base_model"], dtype or config.dtype)
+    if (out_dir / TOKENIZER_DIR).exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(out_dir / TOKENIZER_DIR)
+    if manifest["method"] == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, out_dir / ADAPTER_DIR)
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(str(out_dir / TRAINED_WEIGHTS))
+        params = dict(model.named_parameters())
+        unknown = [n for n in state if n not in params]
+        if unknown:
+            raise ValueError(f"{out_dir / TRAINED_WEIGHTS} does not match {manifest['base_model']}: {unknown[:3]}")
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+    if device:
+        model.to(device)
+    model.eval()
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (for `accelerate launch -m selfinterp.finetune ...`)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Fine-tune a local model on chat examples (JSONL).")
+    ap.add_argument("--base", required=True, help="HF model directory, hub id or .gguf file")
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--val")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--config", default="{}", help="FinetuneConfig fields as JSON, or a path to a JSON file")
+    ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = json.loads(Path(args.config).read_text()) if Path(args.config).is_file() else json.loads(args.config)
+    result = finetune(args.base, args.train, args.val, FinetuneConfig(**cfg), args.out,
+                      resume=not args.no_resume, progress=not args.no_progress)
+    if result.manifest and int(os.environ.get("RANK", "0")) == 0:
+        m = result.manifest
+        print(f"done: {m['steps']} steps, final train loss {m['step_losses'][-1]['loss']:.4f}, "
+              f"val loss {m['val_loss']}, {m['wall_seconds']:.1f} s -> {result.path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
