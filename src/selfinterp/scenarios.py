@@ -49,11 +49,12 @@ class Attribute:
         ranges one decimal more than the range's first significant digit (0.2 -> 2, 0.04 -> 3),
         so that values drawn from the range stay distinct.
         """
-        if self.span >= 5:
+        span = round(self.span, 9)  # 2.8 - 1.8 is 0.9999999999999998 in floating point
+        if span >= 5:
             return 0
-        if self.span >= 1:
+        if span >= 1:
             return 1
-        return math.ceil(-math.log10(self.span)) + 1
+        return math.ceil(-math.log10(span)) + 1
 
     def normalise(self, value: float) -> float:
         """Min-max normalise a value of this attribute to [0, 1]."""
@@ -357,14 +358,15 @@ def load_roles(path: str | Path) -> list[str]:
 
 
 def assign_roles(scenarios: Sequence[Scenario], roles: Sequence[str], seed: int = 0) -> list[Scenario]:
-    """Give each scenario a role, drawn without replacement (with replacement if roles run out)."""
+    """Give each scenario a role from a seeded shuffle; every role is used once before any repeats."""
+    if not roles:
+        raise ValueError("no roles to assign")
     rng = random.Random(seed)
-    pool = list(roles)
-    rng.shuffle(pool)
-    if len(pool) >= len(scenarios):
-        chosen = pool[: len(scenarios)]
-    else:
-        chosen = [rng.choice(pool) for _ in scenarios]
+    chosen: list[str] = []
+    while len(chosen) < len(scenarios):
+        pool = list(roles)
+        rng.shuffle(pool)
+        chosen.extend(pool)
     return [s.with_role(r) for s, r in zip(scenarios, chosen)]
 
 
