@@ -25,7 +25,7 @@ app.add_typer(scenarios_app, name="scenarios")
 console = Console()
 if not console.is_terminal:  # logs and pipes: rich would assume 80 columns and fold the tables
     console = Console(width=120)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error messages stay whole lines (greppable)
 
 
 def fail(message: str) -> None:
