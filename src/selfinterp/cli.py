@@ -223,6 +223,99 @@ def print_results(results: dict) -> None:
                           f"{key.replace('_', ' ')} (left out): {flags[key]['not_identified']}[/]")
 
 
+# --------------------------------------------------------------------------------------------
+# run, plan
+
+
+@app.command("run")
+def run_cmd(
+    config_file: Optional[Path] = typer.Argument(None, help="A run configuration (TOML, YAML or JSON)."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="smoke, cpu, paper or simulated."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<name>)."),
+    backend: Optional[str] = typer.Option(None, help="Override the backend (hf, simulated)."),
+    model: Optional[str] = typer.Option(None, help="Override the model (registry name, directory or hub id)."),
+    seed: Optional[int] = typer.Option(None, help="Override the seed."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages, model calls, training, time) and stop."),
+    force: bool = typer.Option(False, help="Continue past a failed instillation gate."),
+) -> None:
+    """Run the paper's whole protocol, resumably: re-running finishes what is left and redoes only
+    what changed."""
+    from . import config as cfgmod
+
+    if config_file is None and preset is None:
+        fail("give a configuration file or --preset (smoke, cpu, paper, simulated)")
+    overrides = {k: v for k, v in (("backend", backend), ("model", model), ("seed", seed)) if v is not None}
+    try:
+        cfg = cfgmod.build(preset, config_file, overrides)
+    except cfgmod.ConfigError as e:
+        fail(str(e))
+    out = out or Path("runs") / cfg.name
+    if dry_run:
+        print_plan(cfg, out)
+        return
+    from .run import GateFailed, Run
+
+    try:
+        results = Run(cfg, out, force=force, console=err).execute()
+    except GateFailed as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted: finished work is kept in {out}; run the same command again to resume[/]")
+        raise typer.Exit(130)
+    print_results(results)
+    console.print(f"report: {(out / 'report.html').resolve()}")
+
+
+def print_plan(cfg, out: Path) -> None:
+    from .run import plan
+
+    rows = plan(cfg)
+    t = Table(title=f"plan for {cfg.name} ({cfg.backend}: {cfg.model if cfg.backend != 'simulated' else 'simulated'}) -> {out}")
+    for col, just in (("stage", "left"), ("model calls", "right"), ("kind", "left"), ("training examples", "right"),
+                      ("epochs", "right"), ("est. time", "right")):
+        t.add_column(col, justify=just)
+    for r in rows:
+        t.add_row(r["stage"], str(r["model_calls"] or ""), r["call_kind"], str(r["training_examples"] or ""),
+                  str(r["epochs"] or ""), f"{r['est_seconds'] / 60:.1f} min" if r["est_seconds"] else "")
+    total = sum(r["est_seconds"] for r in rows)
+    t.add_row("[bold]total[/]", str(sum(r["model_calls"] for r in rows)), "",
+              str(sum(r["training_examples"] for r in rows)), "", f"[bold]{total / 60:.1f} min[/]")
+    console.print(t)
+    if cfg.backend == "hf":
+        console.print("Times are rough estimates for a 2-core CPU and SmolLM2-135M; a GPU is far faster.")
+
+
+@app.command()
+def plan(
+    target_r: float = typer.Option(0.5, help="The true accuracy r of the self-reports to detect."),
+    baseline_r: float = typer.Option(0.0, help="The r to distinguish it from (0: no accuracy)."),
+    scenarios: str = typer.Option("20,50,100", help="Comma-separated numbers of scenarios to try."),
+    reports: str = typer.Option("1,5,10", help="Comma-separated reports per scenario to try."),
+    trials: int = typer.Option(50, help="Choices per scenario for the learned weights."),
+    n_sim: int = typer.Option(200, help="Simulated studies per design."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Power analysis: how many scenarios, reports and trials a study needs, by simulation."""
+    from .power import power_table
+
+    try:
+        ns = [int(x) for x in scenarios.split(",")]
+        rs = [int(x) for x in reports.split(",")]
+    except ValueError:
+        fail("--scenarios and --reports take comma-separated whole numbers, e.g. 20,50,100")
+    if not -1 < target_r < 1 or not -1 < baseline_r < 1:
+        fail("--target-r and --baseline-r must be between -1 and 1")
+    rows = power_table(target_r, baseline_r, ns, rs, trials, n_sim, seed)
+    t = Table(title=f"detecting r = {target_r} (vs {baseline_r}) with {trials} choices per scenario, {n_sim} simulated studies each")
+    for col in ("scenarios", "reports", "mean r", "mean CI width", "power"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(str(r["n_scenarios"]), str(r["n_reports"]), f"{r['mean_r']:.3f}", f"{r['ci_width']:.3f}",
+                  f"{r['power']:.2f}")
+    console.print(t)
+    console.print("power: share of simulated studies whose 95% CI excludes the baseline r.")
+
+
 # Model commands live with the models (they import torch lazily, when run).
 try:
     from .models import app as models_app

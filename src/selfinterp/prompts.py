@@ -84,3 +84,31 @@ def decision_chat(scenario: Scenario, a: Sequence[float], b: Sequence[float], an
 def introspection_chat(scenario: Scenario, a: Sequence[float], b: Sequence[float],
                        weights: Sequence[float] | None = None) -> Messages:
     return chat(introspection_prompt(scenario, a, b), None if weights is None else report_json(scenario, weights))
+
+
+def parse_prompt(text: str, scenarios_by_question: Mapping[str, Scenario]) -> tuple[Scenario, list[float], list[float]]:
+    """The inverse of :func:`decision_prompt` / :func:`introspection_prompt`: which scenario, and
+    the values of options A and B. Used by the simulated backend, which reads prompts as a
+    model would, and by tests."""
+    try:
+        body = text.split("\n\n", 1)[1]
+        question, rest = body.split("\nA:\n", 1)
+        a_text, b_text = rest.split("\n\nB:\n", 1)
+    except (IndexError, ValueError):
+        raise ValueError("not a decision or introspection prompt of this package") from None
+    scenario = scenarios_by_question.get(question)
+    if scenario is None:
+        raise ValueError(f"unknown scenario question {question!r}")
+
+    def values(block: str) -> list[float]:
+        out = []
+        for line, attr in zip(block.split("\n"), scenario.attributes):
+            name, _, rest = line.partition(": ")
+            if name != attr.name:
+                raise ValueError(f"expected attribute {attr.name!r}, found {line!r}")
+            out.append(float(rest.split(" ", 1)[0]))
+        if len(out) != scenario.k:
+            raise ValueError(f"expected {scenario.k} attribute lines")
+        return out
+
+    return scenario, values(a_text), values(b_text)

@@ -1,0 +1,174 @@
+"""A simulated model with known answers: ground truth for the pipeline and its statistics.
+
+It reads the same prompts a language model reads and answers through the same interface:
+
+- choices: a decision-maker with weights w per scenario answers A with probability
+  sigmoid((U(A) - U(B)) / choice_noise + position_bias), U as in the protocol;
+- fine-tuning on decision examples: per scenario, it fits the preferences the examples show
+  (the package's own regression) and moves its weights that far towards them (``fidelity``);
+  on introspection examples: its reports get less noisy (``introspection_gain``), on every
+  scenario, trained or not (the generalisation the paper reports);
+- self-reports: its true weights plus Gaussian noise (``report_noise``) and ``report_bias``,
+  clipped to [-100, 100], as the JSON the paper asks for.
+
+Before any fine-tuning its weights are its "native" preferences, drawn per scenario from the
+seed. Its state after fine-tuning is a small JSON file, so a fine-tuned simulated model is a
+:class:`ModelRef` like any other. Draws are seeded by the prompt, so answers are reproducible
+and a resumed run gets the answers it would have got.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .. import design, prompts, regression
+from ..scenarios import Scenario
+from .base import ChoiceProbs, Messages, ModelRef
+
+STATE = "simulated.json"
+DEFAULTS = dict(choice_noise=10.0, position_bias=0.0, fidelity=0.9, report_noise=250.0, report_bias=0.0,
+                introspection_gain=0.5, call_delay=0.0)
+
+
+def _seed_of(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256("\0".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+class SimulatedBackend:
+    def __init__(self, scenarios: Sequence[Scenario], settings: dict[str, float] | None = None, seed: int = 0,
+                 ref: ModelRef | None = None):
+        self.by_question = {s.prompt_question: s for s in scenarios}
+        self.scenarios = {s.id: s for s in scenarios}
+        self.settings = {**DEFAULTS, **(settings or {})}
+        self.seed = seed
+        self.weights: dict[str, np.ndarray] = {}  # fine-tuned weights; native ones otherwise
+        self.introspection_trained = False
+        if ref is not None and ref.adapter is not None:
+            state = json.loads((Path(ref.adapter) / STATE).read_text())
+            self.weights = {k: np.array(v) for k, v in state["weights"].items()}
+            self.introspection_trained = state["introspection_trained"]
+        self.info = {"backend": "simulated", "settings": self.settings, "seed": seed,
+                     "introspection_trained": self.introspection_trained}
+
+    # -- the decision-maker
+
+    def native_weights(self, scenario: Scenario) -> np.ndarray:
+        w = design.rng_for(self.seed, scenario.id, "simulated-native").uniform(-100, 100, scenario.k)
+        return design.rescale(w)
+
+    def true_weights(self, scenario: Scenario) -> np.ndarray:
+        return self.weights.get(scenario.id, self.native_weights(scenario))
+
+    def _read(self, chat: Messages):
+        user = next(m["content"] for m in chat if m["role"] == "user")
+        return user, *prompts.parse_prompt(user, self.by_question)
+
+    def choice_probs(self, chats: Sequence[Messages]) -> ChoiceProbs:
+        self._delay(len(chats))
+        p = []
+        for chat in chats:
+            _, s, a, b = self._read(chat)
+            w = self.true_weights(s)
+            du = float(design.utility(s, w, np.array(a)) - design.utility(s, w, np.array(b)))
+            p.append(1.0 / (1.0 + np.exp(-(du / self.settings["choice_noise"] + self.settings["position_bias"]))))
+        return ChoiceProbs(p_a=np.array(p), mass=np.ones(len(p)))
+
+    def generate(self, chats: Sequence[Messages], max_new_tokens: int = 256, temperature: float = 0.0,
+                 seed: int = 0) -> list[str]:
+        self._delay(len(chats))
+        out = []
+        for chat in chats:
+            user, s, a, b = self._read(chat)
+            rng = np.random.default_rng(_seed_of(self.seed, seed, user))
+            if user.startswith("[DECISION TASK]"):
+                p = self.choice_probs([chat]).p_a[0]
+                out.append("A" if rng.uniform() < p else "B")
+                continue
+            noise = self.settings["report_noise"] * (self.settings["introspection_gain"] if self.introspection_trained else 1.0)
+            reported = self.true_weights(s) + self.settings["report_bias"] + rng.normal(scale=noise, size=s.k)
+            out.append(prompts.report_json(s, np.clip(reported, -100, 100)))
+        return out
+
+    def _delay(self, n: int) -> None:
+        """Optional time per call, to test interruption and resumption mid-stage."""
+        if self.settings["call_delay"] > 0:
+            import time
+
+            time.sleep(self.settings["call_delay"] * n)
+
+    # -- "fine-tuning"
+
+    def finetune(self, train: Any, val: Any, config: Any = None, out_dir: str | Path | None = None) -> ModelRef:
+        """Adopt the preferences shown by decision examples; learn to report from introspection examples."""
+        if out_dir is None:
+            raise ValueError("the simulated backend needs an out_dir to keep its fine-tuned state")
+        rows = _read_examples(train)
+        by_scenario: dict[str, list[tuple[np.ndarray, float]]] = {}
+        introspection = 0
+        for row in rows:
+            chat = row["messages"]
+            answer = chat[-1]["content"].strip()
+            _, s, a, b = self._read(chat[:-1])
+            if answer in ("A", "B"):
+                diff = design.normalise(s, np.array(a)) - design.normalise(s, np.array(b))
+                by_scenario.setdefault(s.id, []).append((diff, 1.0 if answer == "A" else 0.0))
+            else:
+                introspection += 1
+        weights = {k: v.tolist() for k, v in self.weights.items()}
+        if by_scenario:
+            ids = list(by_scenario)
+            fit = regression.fit_preferences(*regression.pad(
+                [(np.array([d for d, _ in by_scenario[i]]), np.array([y for _, y in by_scenario[i]])) for i in ids]))
+            f = self.settings["fidelity"]
+            for i, sid in enumerate(ids):
+                if fit.flags[i] == "":
+                    mixed = (1 - f) * self.true_weights(self.scenarios[sid]) + f * fit.weights[i]
+                    weights[sid] = design.rescale(mixed).tolist()
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {"weights": weights, "introspection_trained": self.introspection_trained or introspection > 0,
+                 "trained_on": {"decision_examples": sum(len(v) for v in by_scenario.values()),
+                                "introspection_examples": introspection}}
+        tmp = out / (STATE + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(out / STATE)
+        return ModelRef(base="simulated", adapter=str(out), metadata=state["trained_on"])
+
+
+def _read_examples(data: Any) -> list[dict]:
+    if isinstance(data, (str, Path)):
+        return [json.loads(line) for line in Path(data).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return list(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration: which report noise gives a chosen accuracy
+
+
+def expected_report_r(report_noise: float, n_reports: int, report_bias: float = 0.0, n: int = 20_000,
+                      seed: int = 0, k: int = 5) -> float:
+    """Population r between the mean of ``n_reports`` simulated reports and the true weights
+    (weights drawn as the protocol draws them; reports clipped to [-100, 100] as the backend does)."""
+    rng = np.random.default_rng(seed)
+    w = design.rescale(rng.uniform(-100, 100, (n, k)))
+    reps = np.clip(w + report_bias + rng.normal(scale=report_noise, size=(n_reports, n, k)), -100, 100)
+    return float(np.corrcoef(reps.mean(axis=0).ravel(), w.ravel())[0, 1])
+
+
+def report_noise_for_r(target_r: float, n_reports: int, report_bias: float = 0.0) -> float:
+    """The per-report noise sd at which the mean of ``n_reports`` reports has population r = target."""
+    if not 0 < target_r < 1:
+        raise ValueError("target_r must be in (0, 1)")
+    lo, hi = 0.0, 5000.0
+    for _ in range(40):  # r falls as noise grows: bisection
+        mid = (lo + hi) / 2
+        if expected_report_r(mid, n_reports, report_bias, n=5000) > target_r:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2

@@ -1,0 +1,203 @@
+"""The configuration of an experiment run, its presets, and how it is read from files.
+
+A run is the whole protocol for one model (see :mod:`selfinterp.run`). Everything that changes
+its results is a field here, validated on load with messages that name the field; the stages
+hash the fields they depend on, so changing one re-runs only what is downstream of it.
+
+Presets:
+
+- ``smoke``: every stage on the embedded default model, a handful of scenarios, minutes on a
+  2-core CPU. Its numbers mean nothing; it proves the machinery.
+- ``cpu``: the CPU recipe from ``benchmarks/instill_cpu.md``, sized to show instillation on a
+  2-core CPU in about 1-2 hours.
+- ``paper``: the paper's design (100 instilled + 100 native scenarios, 50 + 10 examples,
+  50 / 100 choice trials, 10 reports per scenario, 2 folds + all), for GPUs or APIs.
+- ``simulated``: the paper's design on the simulated backend (known answers, seconds).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainSettings(Strict):
+    """Fine-tuning hyper-parameters (the fields of :class:`selfinterp.finetune.FinetuneConfig`)."""
+
+    method: Literal["lora", "full"] = "lora"
+    layers: Optional[int] = Field(None, ge=1, description="train only the top k decoder layers (None: all)")
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    cache_lower_layers: bool = False
+    autocast: Optional[Literal["bfloat16", "float16"]] = "bfloat16"
+    max_length: int = Field(1024, ge=16)
+
+
+class SimulatedSettings(Strict):
+    """The simulated decision-maker (see :mod:`selfinterp.backends.simulated`)."""
+
+    choice_noise: float = Field(10.0, gt=0, description="logistic scale on utility differences (weights in -100..100)")
+    position_bias: float = Field(0.0, description="log-odds added to answering A")
+    fidelity: float = Field(0.9, ge=0, le=1, description="how far fine-tuning moves the weights to those in the data")
+    report_noise: float = Field(250.0, ge=0, description="sd of the noise added to each reported weight (before clipping to -100..100)")
+    report_bias: float = Field(0.0, description="constant added to each reported weight")
+    introspection_gain: float = Field(0.5, gt=0, le=1, description="report noise multiplier after introspection training")
+    call_delay: float = Field(0.0, ge=0, description="seconds per model call (to test interruption)")
+
+
+class Gate(Strict):
+    """Thresholds instillation must reach before the run spends time on reports."""
+
+    min_agreement: float = Field(0.6, ge=0, le=1, description="held-out agreement with the simulated choices")
+    min_r: float = Field(0.3, ge=-1, le=1, description="learned-vs-instilled Pearson r")
+
+
+class RunConfig(Strict):
+    name: str = Field("run", min_length=1)
+    preset: Optional[str] = None
+    backend: Literal["hf", "simulated"] = "hf"
+    model: str = Field("smollm2-135m", min_length=1,
+                       description="registry name, local HF directory or hub id (ignored by 'simulated')")
+    model_label: Optional[str] = Field(None, description="name used in output file names (default: derived from model)")
+    scenarios: str = Field("bank", description="'bank' (bundled) or a scenario file")
+    seed: int = 0
+    n_instilled: int = Field(100, ge=2)
+    n_native: int = Field(100, ge=0)
+    n_train: int = Field(50, ge=1, description="preference examples per instilled scenario")
+    n_val: int = Field(10, ge=0)
+    counterbalance: bool = Field(False, description="also train on every pair with A and B swapped")
+    n_eval_trials: int = Field(50, ge=2, description="choices per instilled scenario to measure learned weights")
+    n_native_trials: int = Field(100, ge=2, description="choices per native scenario")
+    eval_counterbalance: bool = Field(False, description="measure every pair in both orders")
+    soft_targets: bool = Field(False, description="fit learned weights on P(A) instead of the argmax choice")
+    n_reports: int = Field(10, ge=1, description="self-reports per scenario and condition")
+    report_mode: Literal["free", "constrained"] = "free"
+    report_max_new_tokens: int = Field(96, ge=8)
+    report_temperature: float = Field(0.0, ge=0)
+    n_introspection: int = Field(50, ge=1, description="introspection-training examples per scenario")
+    batch_size: int = Field(16, ge=1, description="prompts per forward pass")
+    instill: TrainSettings = TrainSettings()
+    introspection: TrainSettings = TrainSettings(epochs=2)
+    simulated: SimulatedSettings = SimulatedSettings()
+    gate: Gate = Gate()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.backend == "simulated" and self.report_mode == "constrained":
+            raise ValueError("report_mode 'constrained' needs a model backend; the simulated one reports freely")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The model's name in output files (the paper's layout starts every file with it)."""
+        if self.model_label:
+            return self.model_label
+        if self.backend == "simulated":
+            return "simulated"
+        return Path(self.model).name.replace("_", "-") or "model"
+
+    def hash_fields(self, *names: str) -> dict[str, Any]:
+        return {n: json.loads(self.model_dump_json(include={n}))[n] for n in names}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(
+        name="smoke", n_instilled=4, n_native=2, n_train=24, n_val=4, counterbalance=True,
+        n_eval_trials=8, n_native_trials=8, n_reports=2, n_introspection=4, report_mode="constrained",
+        instill=dict(method="lora", layers=4, cache_lower_layers=True, lr=1e-3, epochs=1, batch_size=8),
+        introspection=dict(method="lora", layers=4, cache_lower_layers=True, lr=1e-3, epochs=1, batch_size=8),
+        gate=dict(min_agreement=0.0, min_r=-1.0),
+    ),
+    "cpu": dict(
+        name="cpu", n_instilled=10, n_native=10, n_train=400, n_val=10, counterbalance=True,
+        n_eval_trials=30, n_native_trials=30, eval_counterbalance=True, n_reports=5, n_introspection=20,
+        report_mode="constrained",
+        instill=dict(method="full", layers=12, cache_lower_layers=True, lr=3e-4, epochs=2, batch_size=16),
+        introspection=dict(method="full", layers=12, cache_lower_layers=True, lr=3e-4, epochs=2, batch_size=8),
+    ),
+    "paper": dict(name="paper", backend="hf", model="Qwen/Qwen2.5-7B-Instruct"),
+    "simulated": dict(name="simulated", backend="simulated"),
+}
+
+
+def format_errors(e: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build(preset: str | None = None, file: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """Preset values, then a TOML/YAML/JSON file's, then overrides (e.g. from the command line)."""
+    data: dict[str, Any] = {}
+    source = "configuration"
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        data = _deep_merge(PRESETS[preset], {"preset": preset})
+        source = f"preset {preset!r}"
+    if file is not None:
+        file_data = read_file(Path(file))
+        if "preset" in file_data and preset is None:
+            if file_data["preset"] not in PRESETS:
+                raise ConfigError(f"{file}: preset: unknown preset {file_data['preset']!r}; choose one of {', '.join(PRESETS)}")
+            data = dict(PRESETS[file_data["preset"]])
+        data = _deep_merge(data, file_data)
+        source = str(file)
+    data = _deep_merge(data, overrides or {})
+    try:
+        return RunConfig(**data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, source)) from None
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+
+            return tomllib.loads(text)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except ImportError:
+        raise ConfigError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use TOML") from None
+    except Exception as e:  # tomllib, yaml and json each raise their own error type
+        raise ConfigError(f"{path}: cannot parse: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must hold a table of settings")
+    return data

@@ -1,0 +1,116 @@
+"""Never lose finished work: an append-only record of model calls, and atomic file writes.
+
+Every model call's result is appended to a JSONL journal as soon as it completes, flushed and
+fsync'd, so a crash, Ctrl-C or ``kill -9`` loses at most the calls in flight; a re-run reads
+the journal and makes only the calls it does not hold. A line cut off by a crash is detected
+(it does not parse) and cut away before new lines are appended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class Journal:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.records: dict[str, Any] = {}
+        self.n_truncated = 0
+        if self.path.exists():
+            self._load()
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        good_end = 0
+        pos = 0
+        for line in data.split(b"\n"):
+            end = pos + len(line) + 1
+            if end > len(data):  # no newline: the crash cut this line (or the file is empty)
+                if line:
+                    self.n_truncated += 1
+                break
+            try:
+                rec = json.loads(line)
+                self.records[rec["key"]] = rec["value"]
+                good_end = end
+            except (json.JSONDecodeError, KeyError, TypeError):
+                self.n_truncated += 1
+                break  # everything after a corrupt line is untrusted
+            pos = end
+        if good_end < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good_end)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def __getitem__(self, key: str) -> Any:
+        return self.records[key]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def record_many(self, items: Iterable[tuple[str, Any]]) -> None:
+        """Append results (one line each) and make them durable before returning."""
+        lines = []
+        for key, value in items:
+            self.records[key] = value
+            lines.append(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
+        self._file.write("".join(lines))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write then rename: readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False, default=_jsonable) + "\n")
+
+
+def _jsonable(x: Any) -> Any:
+    import numpy as np
+
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_jsonable).encode()).hexdigest()

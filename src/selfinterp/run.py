@@ -1,0 +1,595 @@
+"""The whole protocol as one resumable run.
+
+Stages, in order (each writes its artifacts into the run directory):
+
+ 1. design              scenarios (instilled, native), roles, weights, fine-tuning datasets
+ 2. instill             fine-tune the base model on the preference examples
+ 3. validate            held-out choices of the instilled model; a gate on instillation
+ 4. reports_base        the base model's self-reports on the instilled scenarios (control)
+ 5. reports_instilled   the instilled model's self-reports
+ 6. itrain_first/last/all   introspection training of the instilled model on each half, and all
+ 7. reports_itrained_first/last   each fold's reports on the half it did not train on
+ 8. native_choices      the instilled model's choices on native scenarios -> native weights
+ 9. reports_native_instilled / reports_native_itrained   reports on native scenarios
+10. analysis            the paper's table (selfinterp.analysis) -> analysis/results.json, figures
+11. report              report.html
+
+Choices and reports are written in the paper's CSV layout (plus the raw replies), so
+``selfinterp analyze RUN_DIR`` works on a run exactly as on the paper's data.
+
+Never losing work: a stage is keyed by a hash of the settings it reads and of the outputs of
+the stages it needs; a finished stage whose key and output checksums still match is skipped.
+Model calls are journaled as they complete (:mod:`selfinterp.journal`), so an interrupted stage
+resumes without repeating them, and fine-tuning resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import analysis, design, layout, prompts, stats
+from .config import RunConfig
+from .journal import Journal, atomic_write_json, atomic_write_text, sha256_file, sha256_json
+from .reports import parse_report
+from .scenarios import Scenario, assign_roles, load, load_bank, load_bundled_roles
+
+STAGE_FORMAT = 1  # bump when a stage's outputs change meaning, to redo old runs' stages
+
+
+class GateFailed(RuntimeError):
+    """Instillation did not reach the configured thresholds."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    needs: tuple[str, ...]
+    fields: tuple[str, ...]  # the RunConfig fields the stage reads
+    fn: Callable[["Run"], dict[str, Any]]
+    native: bool = False     # only when the run has native scenarios
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+class Run:
+    def __init__(self, config: RunConfig, root: str | Path, force: bool = False, progress: bool = True,
+                 console: Any = None):
+        from rich.console import Console
+
+        self.cfg = config
+        self.root = Path(root)
+        self.force = force
+        self.progress = progress
+        self.console = console or Console(stderr=True)
+        self.label = config.label
+        self._design: dict[str, Any] | None = None
+        self.current: str = ""  # the stage being run (for journals and models)
+        self._outputs: list[Path] = []
+
+    # -- bookkeeping
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def stages(self) -> list[Stage]:
+        return [s for s in STAGES if not (s.native and self.cfg.n_native == 0)]
+
+    def _state_file(self, name: str) -> Path:
+        return self.path("stages", f"{name}.json")
+
+    def state(self, name: str) -> dict | None:
+        p = self._state_file(name)
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return None  # a corrupt state file: the stage is redone
+
+    def key(self, stage: Stage) -> str:
+        upstream = {}
+        for n in stage.needs:
+            st = self.state(n)
+            upstream[n] = st["output_hash"] if st else None
+        return sha256_json({"stage": stage.name, "format": STAGE_FORMAT,
+                            "config": self.cfg.hash_fields(*stage.fields), "needs": upstream})
+
+    def is_done(self, stage: Stage) -> bool:
+        st = self.state(stage.name)
+        if not st or st.get("key") != self.key(stage):
+            return False
+        for rel, digest in st["outputs"].items():
+            p = self.path(rel)
+            if not p.exists() or sha256_file(p) != digest:
+                self.console.print(f"[yellow]{stage.name}: {rel} is missing or changed since it was written; "
+                                   f"redoing the stage[/]")
+                return False
+        return True
+
+    def output(self, path: Path) -> Path:
+        """Register a file the current stage produced (checksummed when the stage finishes)."""
+        self._outputs.append(path)
+        return path
+
+    def journal(self, what: str) -> Journal:
+        """The call journal of the current stage; its name carries the stage key, so changed
+        settings never reuse stale answers."""
+        key = self.key(next(s for s in STAGES if s.name == self.current))[:12]
+        return Journal(self.path("journal", f"{self.current}-{what}-{key}.jsonl"))
+
+    # -- running
+
+    def execute(self) -> dict:
+        """Run every stage that is not done; return the results (analysis/results.json)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path("config.json"), json.loads(self.cfg.model_dump_json()))
+        for stage in self.stages():
+            if self.is_done(stage):
+                self.console.print(f"[dim]- {stage.name}: done[/]")
+                continue
+            self.current = stage.name
+            self._outputs = []
+            self.console.print(f"[bold]> {stage.name}[/]: {stage.title}")
+            t = time.time()
+            summary = stage.fn(self)
+            outputs = {str(p.relative_to(self.root)): sha256_file(p) for p in self._outputs}
+            state = {"stage": stage.name, "key": self.key(stage), "outputs": outputs,
+                     "output_hash": sha256_json(outputs), "seconds": round(time.time() - t, 2),
+                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary}
+            atomic_write_json(self._state_file(stage.name), state)
+            self.console.print(f"  {stage.name} finished in {state['seconds']:.1f} s")
+        return json.loads(self.path("analysis", "results.json").read_text())
+
+    # -- the design, shared by every stage
+
+    @property
+    def design(self) -> dict[str, Any]:
+        if self._design is None:
+            data = json.loads(self.path("design.json").read_text())
+            from .scenarios import parse
+
+            data["instilled"] = parse(data["instilled"], "design.json:instilled")
+            data["native"] = parse(data["native"], "design.json:native") if data["native"] else []
+            data["weights"] = {k: np.array(v) for k, v in data["weights"].items()}
+            self._design = data
+        return self._design
+
+    @property
+    def all_scenarios(self) -> list[Scenario]:
+        return self.design["instilled"] + self.design["native"]
+
+    # -- models
+
+    def model_dir(self, which: str) -> Path:
+        return self.path("models", which)
+
+    def backend(self, which: str):
+        """A backend running the base model or a fine-tuned one ("instilled", "itrained_first", ...)."""
+        cfg = self.cfg
+        if cfg.backend == "simulated":
+            from .backends.base import ModelRef
+            from .backends.simulated import SimulatedBackend
+
+            ref = None if which == "base" else ModelRef("simulated", str(self.model_dir(which)))
+            return SimulatedBackend(self.all_scenarios, cfg.simulated.model_dump(), cfg.seed, ref)
+        from .backends.hf import HFBackend
+
+        if which == "base":
+            return HFBackend(cfg.model, batch_size=cfg.batch_size, progress=False)
+        out = self.model_dir(which)
+        manifest = json.loads((out / "manifest.json").read_text())
+        if manifest["method"] == "lora":
+            return HFBackend(manifest["base_model"], adapter=str(out / "adapter"), batch_size=cfg.batch_size,
+                             progress=False)
+        return HFBackend(str(materialise(out)), batch_size=cfg.batch_size, progress=False)
+
+    def train(self, which: str, base: str, data: str, val: str | None, settings) -> dict:
+        """Fine-tune ``base`` ("base" or a fine-tuned model's name) into models/<which>."""
+        out = self.model_dir(which)
+        train_path = self.path("datasets", data)
+        val_path = self.path("datasets", val) if val else None
+        if self.cfg.backend == "simulated":
+            self.backend(base).finetune(train_path, val_path, None, out_dir=out)
+            return {"model": str(out.relative_to(self.root))} | self._register_model(out)
+        from . import finetune as ft
+        from . import models
+
+        base_path = str(models.resolve(self.cfg.model)) if base == "base" else str(materialise(self.model_dir(base)))
+        fc = ft.FinetuneConfig(**settings.model_dump(), seed=self.cfg.seed)
+        result = ft.finetune(base_path, train_path, val_path, fc, out, resume=True, progress=self.progress)
+        m = result.manifest
+        losses = [s["loss"] for s in m.get("step_losses", [])]
+        return {"model": str(out.relative_to(self.root)), "steps": m.get("steps"),
+                "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+                "val_loss": m.get("val_loss"), "train_seconds": m.get("wall_seconds")} | self._register_model(out)
+
+    def _register_model(self, out: Path) -> dict:
+        for name in ("manifest.json", "simulated.json"):
+            if (out / name).exists():
+                self.output(out / name)
+        return {}
+
+    # -- measuring
+
+    def _bar(self, title: str, total: int):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        return Progress(TextColumn(f"  {title}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("eta"), TimeRemainingColumn(), console=self.console, disable=not self.progress,
+                        transient=False)
+
+    def measure_choices(self, which: str, scenarios: Sequence[Scenario], n_trials: int, purpose: str,
+                        counterbalance: bool, out_name: str) -> dict:
+        """Choices of a model on fresh pairs -> a selections CSV in the paper's layout."""
+        items = []
+        for s in scenarios:
+            for i, p in enumerate(design.sample_pairs(s, n_trials, self.cfg.seed, purpose, counterbalance)):
+                items.append((f"{s.id}:{i}", s, p))
+        journal = self.journal("choices")
+        todo = [it for it in items if it[0] not in journal]
+        if todo:
+            backend = self.backend(which)
+            with self._bar(f"{which} model choices", len(items)) as bar:
+                task = bar.add_task("", total=len(items), completed=len(items) - len(todo))
+                for start in range(0, len(todo), self.cfg.batch_size):
+                    batch = todo[start:start + self.cfg.batch_size]
+                    probs = backend.choice_probs([prompts.decision_chat(s, p.a, p.b) for _, s, p in batch])
+                    journal.record_many((k, {"p_a": float(pa), "mass": float(m)})
+                                        for (k, _, _), pa, m in zip(batch, probs.p_a, probs.mass))
+                    bar.update(task, advance=len(batch))
+            del backend
+        journal.close()
+        rows = []
+        for k, s, p in items:
+            r = journal[k]
+            rows.append({"model": self.label, "scenario": s.id, "selection": "A" if r["p_a"] >= 0.5 else "B",
+                         **{f"A_attribute_{j + 1}": v for j, v in enumerate(p.a)},
+                         **{f"B_attribute_{j + 1}": v for j, v in enumerate(p.b)},
+                         ("p_a" if self.cfg.soft_targets else "prob_a"): r["p_a"], "mass": r["mass"]})
+        import pandas as pd
+
+        path = self.path(out_name)
+        atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
+        self.output(path)
+        p_a = np.array([journal[k]["p_a"] for k, _, _ in items])
+        mass = np.array([journal[k]["mass"] for k, _, _ in items])
+        return {"file": out_name, "n_choices": len(items), "a_rate": float(np.mean(p_a >= 0.5)),
+                "mean_p_a": float(p_a.mean()), "mean_mass": float(mass.mean()), "min_mass": float(mass.min()),
+                "_items": items, "_p_a": p_a}
+
+    def measure_reports(self, which: str, scenarios: Sequence[Scenario], version: str, out_name: str) -> dict:
+        """Self-reports of a model -> a reports CSV in the paper's layout, raw replies beside it."""
+        cfg = self.cfg
+        items = []
+        for s in scenarios:
+            for i, p in enumerate(design.sample_pairs(s, cfg.n_reports, cfg.seed, "report")):
+                items.append((f"{s.id}:{i}", s, p, i))
+        journal = self.journal("reports")
+        todo = [it for it in items if it[0] not in journal]
+        if todo:
+            backend = self.backend(which)
+            with self._bar(f"{which} model reports ({cfg.report_mode})", len(items)) as bar:
+                task = bar.add_task("", total=len(items), completed=len(items) - len(todo))
+                for start in range(0, len(todo), cfg.batch_size):
+                    batch = todo[start:start + cfg.batch_size]
+                    chats = [prompts.introspection_chat(s, p.a, p.b) for _, s, p, _ in batch]
+                    if cfg.report_mode == "constrained":
+                        texts = [r.text for r in backend.constrained_reports(chats, [s.attribute_names for _, s, _, _ in batch])]
+                    else:
+                        texts = backend.generate(chats, max_new_tokens=cfg.report_max_new_tokens,
+                                                 temperature=cfg.report_temperature, seed=cfg.seed + start)
+                    journal.record_many((k, {"text": t, "mode": cfg.report_mode}) for (k, _, _, _), t in zip(batch, texts))
+                    bar.update(task, advance=len(batch))
+            del backend
+        journal.close()
+        rows, raw, reasons = [], [], {}
+        for k, s, p, i in items:
+            text = journal[k]["text"]
+            parsed = parse_report(text, s.attribute_names)
+            raw.append({"scenario": s.id, "report": i, "mode": journal[k]["mode"], "text": text, "ok": parsed.ok,
+                        "reason": parsed.reason, "detail": parsed.detail})
+            if not parsed.ok:
+                reasons[parsed.reason] = reasons.get(parsed.reason, 0) + 1
+                continue
+            rows.append({"explaining_model": self.label, "version": version, "scenario": s.id,
+                         **{f"report_attr{j + 1}": w for j, w in enumerate(parsed.weights)},
+                         **{f"A_attribute_{j + 1}": v for j, v in enumerate(p.a)},
+                         **{f"B_attribute_{j + 1}": v for j, v in enumerate(p.b)}})
+        import pandas as pd
+
+        cols = ["explaining_model", "version", "scenario"] + [f"report_attr{j}" for j in range(1, 6)] + \
+            [f"{o}_attribute_{j}" for o in "AB" for j in range(1, 6)]
+        path = self.path(out_name)
+        atomic_write_text(path, pd.DataFrame(rows, columns=cols).to_csv(index=False))
+        raw_path = self.path("raw", out_name.replace(".csv", ".jsonl"))
+        atomic_write_text(raw_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in raw))
+        self.output(path)
+        self.output(raw_path)
+        return {"file": out_name, "mode": cfg.report_mode, "n_reports": len(items), "n_parsed": len(rows),
+                "rejected": reasons}
+
+
+def materialise(finetuned: Path) -> Path:
+    """A fine-tuned model as a plain HF model directory (LoRA merged), e.g. as the base of
+    further training. Written once, atomically, into ``finetuned/merged``."""
+    out = finetuned / "merged"
+    if (out / "config.json").exists() and (out / ".complete").exists():
+        return out
+    import shutil
+
+    from .finetune import load_finetuned
+
+    model, tok = load_finetuned(finetuned)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tmp = finetuned / "merged.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / ".complete").write_text("")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Stage functions
+
+
+def _choose_scenarios(cfg: RunConfig) -> tuple[list[Scenario], list[Scenario]]:
+    n = cfg.n_instilled + cfg.n_native
+    if cfg.scenarios == "bank":
+        pool = random.Random(cfg.seed).sample(load_bank(), n)
+        pool = assign_roles(pool, load_bundled_roles(), cfg.seed)
+    else:
+        pool = load(cfg.scenarios)
+        if len(pool) < n:
+            raise ValueError(f"scenarios: {cfg.scenarios} has {len(pool)} scenarios; the run needs {n}")
+        pool = pool[:n]
+        if not cfg.scenarios.endswith(".csv"):
+            pool = assign_roles(pool, load_bundled_roles(), cfg.seed)
+    return pool[: cfg.n_instilled], pool[cfg.n_instilled:]
+
+
+def stage_design(run: Run) -> dict:
+    cfg = run.cfg
+    instilled, native = _choose_scenarios(cfg)
+    weights = {s.id: design.draw_weights(s, cfg.seed) for s in instilled}
+    first, second = design.halves(instilled)
+    ds = run.path("datasets")
+    counts = {
+        "instill_train.jsonl": design.write_jsonl(ds / "instill_train.jsonl", design.instillation_examples(
+            instilled, weights, cfg.n_train, cfg.seed, "instill-train", cfg.counterbalance)),
+        "instill_val.jsonl": design.write_jsonl(ds / "instill_val.jsonl", design.instillation_examples(
+            instilled, weights, cfg.n_val, cfg.seed, "instill-val", cfg.counterbalance)),
+    }
+    for name, part in (("all", instilled), ("first_half", first), ("second_half", second)):
+        f = f"introspection_{name}.jsonl"
+        counts[f] = design.write_jsonl(ds / f, design.introspection_examples(part, weights, cfg.n_introspection, cfg.seed))
+    for f in counts:
+        run.output(ds / f)
+    design.write_weights_csv(run.path("instilled_weights.csv"), instilled, weights)
+    atomic_write_json(run.path("scenarios.json"), [s.to_dict() for s in instilled + native])
+    atomic_write_json(run.path("design.json"), {
+        "instilled": [s.to_dict() for s in instilled], "native": [s.to_dict() for s in native],
+        "weights": {k: v.tolist() for k, v in weights.items()},
+        "halves": {"first": [s.id for s in first], "second": [s.id for s in second]}})
+    for f in ("instilled_weights.csv", "scenarios.json", "design.json"):
+        run.output(run.path(f))
+    run._design = None
+    return {"n_instilled": len(instilled), "n_native": len(native), "datasets": counts}
+
+
+def stage_instill(run: Run) -> dict:
+    return run.train("instilled", "base", "instill_train.jsonl",
+                     "instill_val.jsonl" if run.cfg.n_val else None, run.cfg.instill)
+
+
+def stage_validate(run: Run) -> dict:
+    cfg, d = run.cfg, run.design
+    m = run.measure_choices("instilled", d["instilled"], cfg.n_eval_trials, "eval", cfg.eval_counterbalance,
+                            f"{run.label}_instilled_selections.csv")
+    items, p_a = m.pop("_items"), m.pop("_p_a")
+    truth = np.array([design.simulated_choice(s, d["weights"][s.id], p) == "A" for _, s, p in items])
+    agreement = float(np.mean((p_a >= 0.5) == truth))
+    ranges = layout.read_ranges(run.path("scenarios.json"), 5)
+    learned = analysis.learn(layout.read_choices(run.path(m["file"]), 5), ranges)
+    ids = [s for s in learned.weights if s in d["weights"]]
+    r = stats.pearson(np.array([learned.weights[s] for s in ids]), np.array([d["weights"][s] for s in ids])) \
+        if len(ids) >= 2 else float("nan")
+    m.update({"agreement": agreement, "learned_vs_instilled_r": r, "n_identified": len(ids),
+              "not_identified": learned.flags})
+    run.console.print(f"  held-out agreement with the instilled choices {agreement:.3f}, learned-vs-instilled "
+                      f"r {r:.3f} over {len(ids)} scenarios; answers A {m['a_rate']:.2f}, P(A)+P(B) {m['mean_mass']:.2f}")
+    ok = agreement >= cfg.gate.min_agreement and (r >= cfg.gate.min_r)
+    m["gate"] = {"passed": bool(ok), "min_agreement": cfg.gate.min_agreement, "min_r": cfg.gate.min_r,
+                 "forced": bool(not ok and run.force)}
+    if not ok and not run.force:
+        atomic_write_json(run.path("stages", "validate.failed.json"), m)
+        raise GateFailed(
+            f"instillation did not take: held-out agreement {agreement:.3f} (gate {cfg.gate.min_agreement}), "
+            f"learned-vs-instilled r {r:.3f} (gate {cfg.gate.min_r}), answering A {m['a_rate']:.0%} of the time. "
+            "Try more examples per scenario (n_train), more epochs or a higher learning rate (instill.*), more "
+            "trained layers, or counterbalance = true; see benchmarks/instill_cpu.md. Re-run with --force to "
+            "continue anyway.")
+    return m
+
+
+def stage_reports_base(run: Run) -> dict:
+    return run.measure_reports("base", run.design["instilled"], "base", f"{run.label}_weight_reports.csv")
+
+
+def stage_reports_instilled(run: Run) -> dict:
+    return run.measure_reports("instilled", run.design["instilled"], "instilled",
+                               f"{run.label}_instilled_weight_reports.csv")
+
+
+def _halves(run: Run) -> tuple[list[Scenario], list[Scenario]]:
+    return design.halves(run.design["instilled"])
+
+
+def stage_itrain_first(run: Run) -> dict:
+    return run.train("itrained_first", "instilled", "introspection_first_half.jsonl", None, run.cfg.introspection)
+
+
+def stage_itrain_last(run: Run) -> dict:
+    return run.train("itrained_last", "instilled", "introspection_second_half.jsonl", None, run.cfg.introspection)
+
+
+def stage_itrain_all(run: Run) -> dict:
+    return run.train("itrained_all", "instilled", "introspection_all.jsonl", None, run.cfg.introspection)
+
+
+def _fold_name(run: Run, which: str) -> str:
+    first, _ = _halves(run)
+    n = len(run.design["instilled"])
+    return f"{run.label}_itrained_{which}_{len(first) if which == 'first' else n - len(first)}_of_{n}_weight_reports.csv"
+
+
+def stage_reports_itrained_first(run: Run) -> dict:
+    _, second = _halves(run)
+    return run.measure_reports("itrained_first", second, "itrained_first", _fold_name(run, "first"))
+
+
+def stage_reports_itrained_last(run: Run) -> dict:
+    first, _ = _halves(run)
+    return run.measure_reports("itrained_last", first, "itrained_last", _fold_name(run, "last"))
+
+
+def stage_native_choices(run: Run) -> dict:
+    cfg = run.cfg
+    m = run.measure_choices("instilled", run.design["native"], cfg.n_native_trials, "native", cfg.eval_counterbalance,
+                            f"{run.label}_instilled_latent_selections.csv")
+    m.pop("_items"), m.pop("_p_a")
+    return m
+
+
+def stage_reports_native_instilled(run: Run) -> dict:
+    return run.measure_reports("instilled", run.design["native"], "instilled_latent",
+                               f"{run.label}_instilled_latent_weight_reports.csv")
+
+
+def stage_reports_native_itrained(run: Run) -> dict:
+    n = len(run.design["instilled"])
+    return run.measure_reports("itrained_all", run.design["native"], "itrained_all_latent",
+                               f"{run.label}_itrained_all_{n}_latent_weight_reports.csv")
+
+
+def stage_analysis(run: Run) -> dict:
+    from .figures import write_all
+
+    a = analysis.analyze(run.root, seed=run.cfg.seed)
+    out = run.path("analysis")
+    results = analysis.to_json(a)
+    atomic_write_json(out / "results.json", results)
+    run.output(out / "results.json")
+    for p in write_all(a, out):
+        run.output(p)
+    return {"conditions": sorted(results["models"].get(run.label, {}))}
+
+
+def stage_report(run: Run) -> dict:
+    from .report import write_report
+
+    path = write_report(run)
+    run.output(path)
+    return {"file": path.name}
+
+
+_ALL = ("backend", "model", "seed")
+_DESIGN = ("scenarios", "seed", "n_instilled", "n_native", "n_train", "n_val", "counterbalance", "n_introspection")
+_REPORTS = ("n_reports", "report_mode", "report_max_new_tokens", "report_temperature")
+_MODEL_BACKEND = ("backend", "model", "simulated", "batch_size")
+
+STAGES: list[Stage] = [
+    Stage("design", "scenarios, weights and fine-tuning datasets", (), _DESIGN, stage_design),
+    Stage("instill", "fine-tune the base model on the preference examples", ("design",),
+          _MODEL_BACKEND + ("instill",), stage_instill),
+    Stage("validate", "held-out choices of the instilled model; the instillation gate", ("instill",),
+          _MODEL_BACKEND + ("n_eval_trials", "eval_counterbalance", "soft_targets", "gate"), stage_validate),
+    Stage("reports_base", "the base model's self-reports (control)", ("design",), _MODEL_BACKEND + _REPORTS,
+          stage_reports_base),
+    Stage("reports_instilled", "the instilled model's self-reports", ("validate",), _MODEL_BACKEND + _REPORTS,
+          stage_reports_instilled),
+    Stage("itrain_first", "introspection training on the first half", ("instill",), _MODEL_BACKEND + ("introspection",),
+          stage_itrain_first),
+    Stage("itrain_last", "introspection training on the second half", ("instill",), _MODEL_BACKEND + ("introspection",),
+          stage_itrain_last),
+    Stage("itrain_all", "introspection training on every instilled scenario", ("instill",),
+          _MODEL_BACKEND + ("introspection",), stage_itrain_all, native=True),
+    Stage("reports_itrained_first", "reports on the second half after training on the first", ("itrain_first",),
+          _MODEL_BACKEND + _REPORTS, stage_reports_itrained_first),
+    Stage("reports_itrained_last", "reports on the first half after training on the second", ("itrain_last",),
+          _MODEL_BACKEND + _REPORTS, stage_reports_itrained_last),
+    Stage("native_choices", "the instilled model's choices on native scenarios", ("validate",),
+          _MODEL_BACKEND + ("n_native_trials", "eval_counterbalance", "soft_targets"), stage_native_choices, native=True),
+    Stage("reports_native_instilled", "the instilled model's reports on native scenarios", ("validate",),
+          _MODEL_BACKEND + _REPORTS, stage_reports_native_instilled, native=True),
+    Stage("reports_native_itrained", "reports on native scenarios after training on all", ("itrain_all",),
+          _MODEL_BACKEND + _REPORTS, stage_reports_native_itrained, native=True),
+    Stage("analysis", "the paper's table, figures", (
+        "validate", "reports_base", "reports_instilled", "reports_itrained_first", "reports_itrained_last",
+        "native_choices", "reports_native_instilled", "reports_native_itrained"), ("seed",), stage_analysis),
+    Stage("report", "report.html", ("analysis",), ("name",), stage_report),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# The plan (--dry-run)
+
+
+# Rough costs on a 2-core CPU with SmolLM2-135M (shared/notes/cpu-models.md), per unit.
+_CPU_SECONDS = {"choice": 0.3, "report_free": 3.0, "report_constrained": 1.5, "example_epoch_cached": 0.15,
+                "example_epoch": 0.7, "cache": 0.1, "model_load": 3.0}
+
+
+def plan(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Stages with their model calls and training examples, and a rough time estimate."""
+    n_i, n_n = cfg.n_instilled, cfg.n_native
+    half = (n_i + 1) // 2
+    cb = 2 if cfg.counterbalance else 1
+    ecb = 2 if cfg.eval_counterbalance else 1
+    rows = [
+        ("design", 0, 0, None),
+        ("instill", 0, n_i * cfg.n_train * cb, cfg.instill),
+        ("validate", n_i * cfg.n_eval_trials * ecb, 0, None),
+        ("reports_base", n_i * cfg.n_reports, 0, None),
+        ("reports_instilled", n_i * cfg.n_reports, 0, None),
+        ("itrain_first", 0, half * cfg.n_introspection, cfg.introspection),
+        ("itrain_last", 0, (n_i - half) * cfg.n_introspection, cfg.introspection),
+        ("itrain_all", 0, n_i * cfg.n_introspection, cfg.introspection),
+        ("reports_itrained_first", (n_i - half) * cfg.n_reports, 0, None),
+        ("reports_itrained_last", half * cfg.n_reports, 0, None),
+        ("native_choices", n_n * cfg.n_native_trials * ecb, 0, None),
+        ("reports_native_instilled", n_n * cfg.n_reports, 0, None),
+        ("reports_native_itrained", n_n * cfg.n_reports, 0, None),
+        ("analysis", 0, 0, None),
+        ("report", 0, 0, None),
+    ]
+    native = {s.name for s in STAGES if s.native}
+    out = []
+    for name, calls, examples, train in rows:
+        if n_n == 0 and name in native:
+            continue
+        kind = "choice" if name in ("validate", "native_choices") else "report_" + cfg.report_mode if calls else None
+        seconds = 0.0
+        if cfg.backend == "hf":
+            if calls:
+                seconds += calls * _CPU_SECONDS[kind] + _CPU_SECONDS["model_load"]
+            if train is not None:
+                per = "example_epoch_cached" if train.cache_lower_layers else "example_epoch"
+                seconds += examples * (train.epochs * _CPU_SECONDS[per] + (_CPU_SECONDS["cache"] if train.cache_lower_layers else 0))
+        out.append({"stage": name, "model_calls": calls, "call_kind": kind or "", "training_examples": examples,
+                    "epochs": train.epochs if train is not None else 0, "est_seconds": seconds})
+    return out
