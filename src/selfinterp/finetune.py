@@ -20,8 +20,10 @@ Why not HF ``Trainer`` / TRL ``SFTTrainer``: they feed token ids through the who
 step and cannot train on cached activations, which is the main CPU speed-up here (3-7x); the
 loop below is short enough to read in one sitting.
 
-Run distributed with ``accelerate launch [--cpu] --num_processes N -m selfinterp.finetune
---base MODEL --train train.jsonl --out DIR [--val val.jsonl] [--config '{"epochs": 3}']``.
+Run distributed on GPUs with ``accelerate launch --num_processes N -m selfinterp.finetune
+--base MODEL --train train.jsonl --out DIR [--val val.jsonl] [--config '{"epochs": 3}']``
+(DDP; FSDP is untested). On CPUs use ``torchrun --nproc_per_node N -m selfinterp.finetune ...``
+(gloo): ``accelerate launch --cpu`` starts several CPU processes only through MPI (mpirun).
 
 This module imports torch; ``import selfinterp`` never imports it.
 """
@@ -145,9 +147,10 @@ def tokenize_example(tok: Any, messages: Sequence[dict[str, str]], max_length: i
     ``A<|eot_id|>`` (Llama 3); whitespace the template writes after the end-of-turn marker is
     dropped, since nothing is generated after the marker.
     """
+    if system_role is None:
+        system_role = chat_template.supports_system(tok)
     prompt, answer = chat_template.prompt_and_answer(tok, messages, system_role=system_role)
-    folded = chat_template.render(tok, messages[:-1], add_generation_prompt=True, system_role=system_role).folded_system \
-        if system_role is not None else not chat_template.supports_system(tok) and messages[0]["role"] == "system"
+    folded = not system_role and messages[0]["role"] == "system"
     answer = answer.rstrip()
     # Templates write their own BOS (as text) where they want one: add no special tokens.
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -175,7 +178,8 @@ def _backbone(model: nn.Module) -> nn.Module:
         if inner is None or not hasattr(inner, name):
             raise NotImplementedError(
                 f"{type(base).__name__}: training on cached lower layers supports Llama/Qwen2-style "
-                "decoders (model.model.{embed_tokens, layers, rotary_emb, norm}); "
+                "decoders (model.model.{embed_tokens, layers, rotary_emb, norm}: Llama, Qwen2/3, Mistral, "
+                "Gemma 2/3); "
                 "use cache_lower_layers=False for this architecture")
     return inner
 
@@ -194,26 +198,38 @@ def _run_layers(backbone: nn.Module, hidden: torch.Tensor, attention_mask: torch
                 start: int, stop: int) -> torch.Tensor:
     """Decoder layers [start, stop) on right-padded hidden states, as the model's forward runs them.
 
-    Mirrors ``LlamaModel.forward`` / ``Qwen2Model.forward`` (transformers 5): absolute positions
-    0..T-1 (right padding), one causal mask per attention type, shared rotary embeddings.
+    Mirrors the forward of the Llama/Qwen2/Qwen3/Mistral/Gemma 2-3 decoders in transformers 5:
+    absolute positions 0..T-1 (right padding), one causal mask per attention type (full or
+    sliding window), rotary embeddings shared by all layers or one per attention type (Gemma 3).
+    Anything else is caught by the check on the first cached batch (:func:`_check_split`).
     """
+    import inspect
+
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     config = backbone.config
+    # Models without `layer_types` (Llama, Mistral) use one attention type for every layer.
+    default_type = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    layer_types = getattr(config, "layer_types", None) or [default_type] * config.num_hidden_layers
+    types = sorted(set(layer_types[start:stop]))
+    unknown = set(types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise NotImplementedError(f"attention types {sorted(unknown)} are not supported by the lower-layer cache")
+
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     kw = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
               past_key_values=None, position_ids=position_ids)
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    masks = {"full_attention": create_causal_mask(**kw)}
-    if "sliding_attention" in layer_types[start:stop]:
-        masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
-    unknown = set(layer_types[start:stop]) - set(masks)
-    if unknown:
-        raise NotImplementedError(f"attention types {sorted(unknown)} are not supported by the lower-layer cache")
-    position_embeddings = backbone.rotary_emb(hidden, position_ids)
+    make_mask = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    masks = {t: make_mask[t](**kw) for t in types}
+    if "layer_type" in inspect.signature(backbone.rotary_emb.forward).parameters:
+        rotary = {t: backbone.rotary_emb(hidden, position_ids, t) for t in types}
+    else:
+        shared = backbone.rotary_emb(hidden, position_ids)
+        rotary = {t: shared for t in types}
     for i in range(start, stop):
-        hidden = backbone.layers[i](hidden, attention_mask=masks[layer_types[i]], position_ids=position_ids,
-                                    position_embeddings=position_embeddings, past_key_values=None, use_cache=False)
+        t = layer_types[i]
+        hidden = backbone.layers[i](hidden, attention_mask=masks[t], position_ids=position_ids,
+                                    position_embeddings=rotary[t], past_key_values=None, use_cache=False)
     return hidden
 
 
@@ -232,10 +248,18 @@ def top_hidden(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Ten
     return backbone.norm(hidden)
 
 
+def _head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states, as the causal LM computes them (incl. Gemma 2's soft cap)."""
+    logits = _lm_head(model)(hidden)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def top_logits(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
                first_trained: int) -> torch.Tensor:
     """Logits at every position from cached lower-layer hidden states."""
-    return _lm_head(model)(top_hidden(model, hidden, attention_mask, first_trained))
+    return _head(model, top_hidden(model, hidden, attention_mask, first_trained))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,18 +371,19 @@ class _LossModule(nn.Module):
         self.cached = cached
 
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.cached:
+        if self.cached:  # a bfloat16 cache is widened to the weights' dtype (autocast narrows it again)
+            inputs = inputs.to(_lm_head(self.model).weight.dtype)
             hidden = top_hidden(self.model, inputs, attention_mask, self.first_trained)
         else:
-            hidden = _backbone_or_base(self.model)(input_ids=inputs, attention_mask=attention_mask).last_hidden_state
+            hidden = _decoder(self.model)(input_ids=inputs, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        logits = _lm_head(self.model)(hidden[:, :-1][keep]).float()
+        logits = _head(self.model, hidden[:, :-1][keep]).float()
         return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
-def _backbone_or_base(model: nn.Module) -> nn.Module:
-    """The decoder stack for the uncached path (any architecture with ``base_model.model``)."""
+def _decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack for the uncached path (any HF causal LM, not only Llama/Qwen2-style)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder() if hasattr(base, "get_decoder") else base.model
 
@@ -415,7 +440,7 @@ def _build_cache(model: nn.Module, examples: Sequence[TokenizedExample], first: 
 
 
 def _check_split(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, h: torch.Tensor, first: int) -> None:
-    full = _backbone_or_base(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    full = _decoder(model)(input_ids=ids, attention_mask=mask).last_hidden_state
     split = top_hidden(model, h, mask, first)
     real = mask.bool()
     err = (full[real] - split[real]).abs().max().item()
@@ -452,6 +477,10 @@ def _atomic_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _training_fields(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in ("checkpoint_every", "keep_checkpoints")}
+
+
 def _latest_checkpoint(out_dir: Path) -> Path | None:
     # Only complete checkpoints carry the step-N name (they are renamed into place when done).
     ckpts = sorted((out_dir / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -475,7 +504,11 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
 
     t_start = time.time()
     out_dir = Path(out_dir)
-    accelerator = Accelerator(mixed_precision="no")  # autocast is ours (config.autocast): same on CPU and GPU
+    # A local model is recorded by its absolute path, so load_finetuned works from any directory.
+    base_model = str(Path(base_model).resolve()) if Path(base_model).exists() else str(base_model)
+    # Autocast is ours (config.autocast), the same on CPU and GPU. Without CUDA, accelerate joins
+    # a torchrun/launch process group (gloo) only when told it runs on CPU.
+    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
 
@@ -485,14 +518,16 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
     for name, src in (("train", train), ("val", val)):
         if isinstance(src, (str, Path)):
             data_info[name]["path"] = str(Path(src).resolve())
-    identity = {"base_model": str(base_model), "config": config.to_dict(),
+    # What a checkpoint or finished run must share to be continued or reused (checkpointing
+    # frequency does not change the training).
+    identity = {"base_model": str(base_model), "config": _training_fields(config.to_dict()),
                 "data": {k: v["sha256"] for k, v in data_info.items()}}
 
     # A finished run with the same identity is returned as is.
     manifest_path = out_dir / MANIFEST
     if resume and manifest_path.exists():
         done = json.loads(manifest_path.read_text())
-        if {k: done.get(k) for k in ("base_model", "config")} == {k: identity[k] for k in ("base_model", "config")} \
+        if (done["base_model"], _training_fields(done["config"])) == (identity["base_model"], identity["config"]) \
                 and {k: v["sha256"] for k, v in done["data"].items()} == identity["data"]:
             return FinetunedModel(out_dir, done["base_model"], done["config"]["method"], done)
         raise FileExistsError(f"{out_dir} holds a different finished run; choose another out_dir")
@@ -503,6 +538,11 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
                          f"= {world} x {config.grad_accum}")
     per_rank = config.batch_size // world
     micro = per_rank // config.grad_accum
+
+    if not resume and main:  # a fresh run: nothing of an earlier one may be mistaken for this one's
+        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+        manifest_path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
 
     # ---- model and data
     torch.manual_seed(config.seed)  # same LoRA initialisation in every process
@@ -545,7 +585,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
         bar_cache = _CacheBar()
 
     t_cache = time.time()
-    train_inputs: list[torch.Tensor]
+    train_inputs: dict[int, torch.Tensor]  # example index -> token ids, or cached hidden states
     if cached:
         train_inputs = dict(zip(shard, _build_cache(model, [train_ex[i] for i in shard], first, config, device,
                                                     progress=bar_cache)))
@@ -573,12 +613,15 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
         saved = json.loads((ckpt / "state.json").read_text())
         if saved["identity"] != identity:
             raise ValueError(f"{ckpt} was written with another config or data; use resume=False or another out_dir")
+        if saved["world_size"] != world:  # each process's data shard and RNG stream depend on it
+            raise ValueError(f"{ckpt} was written by {saved['world_size']} processes; resume with as many (now {world})")
         _load_trainable_state(model, load_file(str(ckpt / "trainable.safetensors")))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=False))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-        rng_file = ckpt / f"rng-{rank}.pt"
-        if rng_file.exists() and saved.get("world_size") == world:
-            torch.set_rng_state(torch.load(rng_file, weights_only=False)["cpu"])
+        rng = torch.load(ckpt / f"rng-{rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
         state = saved["state"]
     else:
         torch.manual_seed(config.seed * 1000 + rank)  # dropout differs per process
@@ -591,7 +634,8 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        torch.save({"cpu": torch.get_rng_state()}, tmp / f"rng-{rank}.pt")
+        torch.save({"cpu": torch.get_rng_state(),  # dropout's random stream, per process
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, tmp / f"rng-{rank}.pt")
         accelerator.wait_for_everyone()
         if main:
             save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
@@ -617,7 +661,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
                 idx = val_shard[s: s + micro]
                 x, m, y = _collate([(val_inputs[i], val_ex[i].labels) for i in idx], device)
                 with _autocast(config, device):
-                    tot[0] += loss_module.module(x, m, y) if hasattr(loss_module, "module") else loss_module(x, m, y)
+                    tot[0] += accelerator.unwrap_model(loss_module)(x, m, y)  # no DDP hooks for eval
                 tot[1] += (y[:, 1:] != IGNORE).sum()
         tot = accelerator.reduce(tot, reduction="sum")
         model.train()
@@ -628,9 +672,9 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
     model.train()
     for epoch in range(state["step"] // steps_per_epoch, config.epochs):
         order = np.random.default_rng([config.seed, epoch, rank]).permutation(shard).tolist()
-        epoch_sum = torch.zeros(2, device=device)
         for b in range(state["step"] % steps_per_epoch if epoch == state["step"] // steps_per_epoch else 0,
                        steps_per_epoch):
+            t_step = time.time()
             step_idx = order[b * per_rank: (b + 1) * per_rank]
             micro_batches = [step_idx[i: i + micro] for i in range(0, len(step_idx), micro)]
             # Normalise by the step's supervised tokens in this process, so micro-batching does not
@@ -654,9 +698,9 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             optimizer.zero_grad(set_to_none=True)
 
             step_sum = accelerator.reduce(step_sum, reduction="sum")
-            epoch_sum += step_sum
             state["step"] += 1
-            record = {"step": state["step"], "epoch": epoch + 1, "loss": (step_sum[0] / step_sum[1]).item(), "lr": lr}
+            record = {"step": state["step"], "epoch": epoch + 1, "loss": (step_sum[0] / step_sum[1]).item(), "lr": lr,
+                      "seconds": round(time.time() - t_step, 4)}
             state["step_losses"].append(record)
             if bar:
                 bar.update(task, advance=1, info=f"epoch {epoch + 1}/{config.epochs} loss {record['loss']:.4f}")
@@ -665,8 +709,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             if config.checkpoint_every and state["step"] % config.checkpoint_every == 0 \
                     and state["step"] % steps_per_epoch:
                 save_checkpoint()
-        # Only steps run in this session count towards this epoch's sum after a resume, so the
-        # epoch's train loss is the mean of its per-step losses as recorded.
+        # The epoch's train loss is the mean of its recorded step losses (restored ones included).
         ep_steps = [r["loss"] for r in state["step_losses"] if r["epoch"] == epoch + 1]
         state["epoch_losses"].append({"epoch": epoch + 1, "train_loss": float(np.mean(ep_steps)),
                                       "val_loss": evaluate()})

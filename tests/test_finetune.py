@@ -1,0 +1,330 @@
+"""Fine-tuning: label masks per chat template, training, checkpoints/resume, the lower-layer cache,
+adapter round trips, and a 2-process (gloo) run. All on the tiny random model: seconds each."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from selfinterp import chat_template  # noqa: E402
+from selfinterp.finetune import (  # noqa: E402
+    IGNORE, FinetuneConfig, finetune, load_finetuned, lower_hidden, tokenize_example, top_logits,
+)
+
+TEMPLATES = Path(__file__).parent / "templates"
+SYSTEM = "Your job is to make hypothetical decisions on behalf of different people or characters."
+
+# template name -> (file or None for the tokenizer's own, end-of-turn marker, system folded?)
+CASES = {
+    "smollm2": (None, "<|im_end|>", False),
+    "qwen2.5": ("qwen2.5.jinja", "<|im_end|>", False),
+    "llama3": ("llama3.jinja", "<|eot_id|>", False),
+    "gemma": ("gemma.jinja", "<end_of_turn>", True),
+}
+
+
+def chat(i: int, answer: str = "A") -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Decision {i}: which is better?\nA: {i % 7} apples\nB: {i % 5} pears"},
+            {"role": "assistant", "content": answer}]
+
+
+def examples(n: int, answer: str = "A") -> list[dict]:
+    return [{"messages": chat(i, answer)} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label masks
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("answer", ["A", '{"price": 40, "size": -12}'])
+def test_label_mask_per_template(tokenizer, name, answer):
+    template_file, marker, folded = CASES[name]
+    tok = tokenizer
+    original = tok.chat_template
+    try:
+        if template_file:
+            tok.chat_template = (TEMPLATES / template_file).read_text()
+        messages = chat(3, answer)
+        ex = tokenize_example(tok, messages, max_length=512)
+        supervised = [t for t in ex.labels if t != IGNORE]
+        assert tok.decode(supervised, skip_special_tokens=False) == answer + marker
+        # Supervision is one contiguous block at the end; the prompt before it is exactly the
+        # measurement prompt's tokens.
+        n_prompt = len(ex.labels) - len(supervised)
+        assert all(t == IGNORE for t in ex.labels[:n_prompt])
+        assert ex.labels[n_prompt:] == ex.input_ids[n_prompt:]
+        prompt = chat_template.render(tok, messages[:-1], add_generation_prompt=True).text
+        assert ex.input_ids[:n_prompt] == tok(prompt, add_special_tokens=False)["input_ids"]
+        assert ex.folded_system is folded
+        if folded:
+            assert SYSTEM in prompt and "system" not in prompt.split(SYSTEM)[0]
+    finally:
+        tok.chat_template = original
+
+
+def test_too_long_is_an_error_not_a_truncation(tokenizer):
+    with pytest.raises(ValueError, match="max_length"):
+        tokenize_example(tokenizer, chat(1), max_length=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training, saving, loading
+
+FAST = dict(epochs=3, batch_size=8, lr=2e-2, warmup_ratio=0.0, autocast=None, seed=1)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora-run")
+    config = FinetuneConfig(method="lora", lora_rank=4, lora_alpha=8, **FAST)
+    return finetune(tiny_model_dir, examples(24), examples(8)[4:], config, out, progress=False)
+
+
+def test_lora_lowers_training_loss(lora_run):
+    m = lora_run.manifest
+    losses = [r["loss"] for r in m["step_losses"]]
+    assert m["steps"] == len(losses) == 9  # 3 epochs x 24/8
+    assert [r["step"] for r in m["step_losses"]] == list(range(1, 10))
+    # The tiny random model's logits are bounded (frozen norm, tiny tied embeddings), so the loss
+    # cannot fall far from ln(vocab); what must happen is that "A" becomes the prediction.
+    assert losses[-1] < losses[0] - 0.3
+    assert m["epoch_losses"][-1]["train_loss"] < m["epoch_losses"][0]["train_loss"]
+    assert m["val_loss"] is not None and m["val_loss"] < losses[0]
+
+
+def test_lora_learns_to_answer_a(lora_run):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lora_run.path / "tokenizer")
+    prompt = chat_template.render(tok, chat(101)[:-1], add_generation_prompt=True).text
+    with torch.no_grad():
+        logits = lora_run.model(**tok(prompt, return_tensors="pt", add_special_tokens=False)).logits[0, -1]
+    assert tok.decode(int(logits.argmax())) == "A"
+
+
+def test_manifest_records_the_run(lora_run, tiny_model_dir):
+    m = json.loads((lora_run.path / "manifest.json").read_text())
+    assert m["base_model"] == str(tiny_model_dir)
+    assert m["config"]["lora_rank"] == 4 and m["seed"] == 1
+    assert len(m["data"]["train"]["sha256"]) == 64 and m["data"]["train"]["n"] == 24
+    assert m["folded_system"] is False
+    assert {"torch", "transformers", "peft", "accelerate"} <= set(m["versions"])
+    assert m["wall_seconds"] > 0
+    assert (lora_run.path / "adapter" / "adapter_config.json").exists()
+
+
+def _logits(model, tok, texts):
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def test_adapter_round_trip_gives_identical_logits(lora_run):
+    model, tok = load_finetuned(lora_run.path)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    texts = [chat_template.render(tok, chat(i)[:-1], add_generation_prompt=True).text for i in range(3)]
+    trained = _logits(lora_run.model, tok, texts)
+    assert torch.equal(_logits(model, tok, texts), trained)
+    # and the adapter did change the model
+    base, _ = load_finetuned.__globals__["load_base"](lora_run.base_model)
+    assert not torch.allclose(_logits(base, tok, texts), trained)
+
+
+def test_finished_run_is_returned_not_retrained(lora_run, tiny_model_dir):
+    config = FinetuneConfig(method="lora", lora_rank=4, lora_alpha=8, **FAST)
+    again = finetune(tiny_model_dir, examples(24), examples(8)[4:], config, lora_run.path, progress=False)
+    assert again.manifest["finished_at"] == lora_run.manifest["finished_at"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_from_checkpoint_without_repeating_steps(lora_run, tiny_model_dir, tmp_path):
+    config = FinetuneConfig(method="lora", lora_rank=4, lora_alpha=8, checkpoint_every=2, **FAST)
+    seen: list[int] = []
+
+    def crash_at_5(record):
+        seen.append(record["step"])
+        if record["step"] == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        finetune(tiny_model_dir, examples(24), examples(8)[4:], config, tmp_path, progress=False, callback=crash_at_5)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4"]  # epoch 2, step 1 + every-2
+
+    resumed: list[int] = []
+    result = finetune(tiny_model_dir, examples(24), examples(8)[4:], config, tmp_path, progress=False,
+                      callback=lambda r: resumed.append(r["step"]))
+    assert resumed == [5, 6, 7, 8, 9]  # step 5 is redone (it was after the checkpoint), nothing else
+    assert [r["step"] for r in result.manifest["step_losses"]] == list(range(1, 10))
+    # Same batches, same dropout RNG: identical to the uninterrupted run (checkpoint_every aside).
+    a = dict(lora_run.model.named_parameters())
+    for n, p in result.model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p, a[n], atol=1e-6), n
+    assert [r["loss"] for r in result.manifest["step_losses"]] == pytest.approx(
+        [r["loss"] for r in lora_run.manifest["step_losses"]], abs=1e-6)
+
+
+def test_resume_refuses_a_different_config(tiny_model_dir, tmp_path):
+    def crash_at_3(record):
+        if record["step"] == 3:
+            raise Interrupt
+
+    config = FinetuneConfig(method="lora", lora_rank=4, **{**FAST, "epochs": 2})
+    with pytest.raises(Interrupt):
+        finetune(tiny_model_dir, examples(16), None, config, tmp_path, progress=False, callback=crash_at_3)
+    assert (tmp_path / "checkpoints" / "step-2").exists()  # end of epoch 1
+    with pytest.raises(ValueError, match="another config"):
+        finetune(tiny_model_dir, examples(16), None, FinetuneConfig(method="lora", lora_rank=8, **{**FAST, "epochs": 2}),
+                 tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lower-layer cache
+
+
+def _tiny(arch: str, tiny_model_dir):
+    import transformers as T
+
+    if arch == "llama":  # the shared fixture: tiny Llama with SmolLM2's vocabulary
+        return T.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    common = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    config = {"qwen2": lambda: T.Qwen2Config(**common),
+              "qwen3": lambda: T.Qwen3Config(**common),
+              "mistral": lambda: T.MistralConfig(**common, sliding_window=4),  # window shorter than the inputs
+              "gemma2": lambda: T.Gemma2Config(**common, sliding_window=4),
+              "gemma3": lambda: T.Gemma3TextConfig(**common, sliding_window=4)}[arch]()
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"])
+def test_split_forward_reproduces_the_model(tiny_model_dir, arch):
+    from peft import LoraConfig, get_peft_model
+
+    model = _tiny(arch, tiny_model_dir).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # right padding
+    mask[2, 4:] = 0
+    for m in (model, get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                      init_lora_weights=False)).eval()):
+        with torch.no_grad():
+            full = m(input_ids=ids, attention_mask=mask).logits
+            split = top_logits(m, lower_hidden(m, ids, mask, 1), mask, 1)
+        real = mask.bool()
+        assert torch.allclose(full[real], split[real], atol=1e-5)
+
+
+def test_a_split_that_does_not_reproduce_the_model_is_refused(tiny_model_dir):
+    from selfinterp.finetune import _check_split
+
+    model = _tiny("llama", tiny_model_dir).eval()
+    ids = torch.randint(0, 1000, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        h = lower_hidden(model, ids, mask, 1)
+        _check_split(model, ids, mask, h, 1)
+        with pytest.raises(NotImplementedError, match="does not support this architecture"):
+            _check_split(model, ids, mask, h + 1.0, 1)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_training_on_cached_lower_layers_matches_uncached(tiny_model_dir, tmp_path, method):
+    # Dropout off so both runs are the same computation; fp32 throughout.
+    common = dict(method=method, layers=1, lora_rank=4, lora_dropout=0.0, **{**FAST, "epochs": 2})
+    runs = {}
+    for cached in (False, True):
+        cfg = FinetuneConfig(cache_lower_layers=cached, **common)
+        runs[cached] = finetune(tiny_model_dir, examples(16), examples(4), cfg, tmp_path / str(cached), progress=False)
+    losses = {c: [r["loss"] for r in runs[c].manifest["step_losses"]] for c in runs}
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    assert losses[True][-1] < losses[True][0]
+    # Only the top layer was trained, and the trained weights agree.
+    a, b = dict(runs[False].model.named_parameters()), dict(runs[True].model.named_parameters())
+    trained = [n for n, p in b.items() if p.requires_grad]
+    assert trained and all(".layers.0." not in n for n in trained)
+    for n in trained:
+        assert torch.allclose(a[n], b[n], atol=1e-5), n
+    # ... and the saved result loads back to the same logits.
+    model, tok = load_finetuned(runs[True].path)
+    texts = [chat_template.render(tok, chat(i)[:-1], add_generation_prompt=True).text for i in range(2)]
+    tok.pad_token = tok.pad_token or tok.eos_token
+    assert torch.allclose(_logits(model, tok, texts), _logits(runs[False].model, tok, texts), atol=1e-5)
+
+
+def test_bfloat16_cache_trains_close_to_float32(tiny_model_dir, tmp_path):
+    common = dict(method="full", layers=1, cache_lower_layers=True, **{**FAST, "epochs": 1})
+    losses = {}
+    for dt in ("float32", "bfloat16"):
+        r = finetune(tiny_model_dir, examples(16), None, FinetuneConfig(cache_dtype=dt, **common), tmp_path / dt,
+                     progress=False)
+        losses[dt] = [x["loss"] for x in r.manifest["step_losses"]]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=1e-2)
+
+
+def test_cache_needs_a_layer_count():
+    with pytest.raises(ValueError, match="layers"):
+        FinetuneConfig(cache_lower_layers=True)
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    from selfinterp.finetune import _backbone
+
+    with pytest.raises(NotImplementedError, match="Llama/Qwen2-style"):
+        _backbone(torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed: 2 CPU processes over gloo
+
+
+@pytest.mark.slow
+def test_two_process_cpu_finetune(tiny_model_dir, tmp_path):
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps(e) + "\n" for e in examples(16)))
+    val.write_text("".join(json.dumps(e) + "\n" for e in examples(5)))
+    cfg = dict(method="lora", layers=1, cache_lower_layers=True, lora_rank=4, epochs=2, batch_size=8,
+               grad_accum=2, lr=5e-3, autocast=None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with socket.socket() as s:  # a free port, so parallel test runs do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # torchrun: `accelerate launch --cpu` would need MPI for more than one CPU process; the
+    # Accelerator inside joins torchrun's process group with gloo all the same.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "selfinterp.finetune", "--base", str(tiny_model_dir), "--train", str(train), "--val", str(val),
+           "--out", str(tmp_path / "out"), "--config", json.dumps(cfg), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["world_size"] == 2
+    assert m["steps"] == 4  # 2 epochs x 16 examples / 8 per step
+    assert [r["step"] for r in m["step_losses"]] == [1, 2, 3, 4]
+    assert m["val_loss"] is not None
+    assert m["step_losses"][-1]["loss"] < m["step_losses"][0]["loss"]
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    # The saved adapter loads and runs.
+    model, tok = load_finetuned(tmp_path / "out")
+    assert _logits(model, tok, ["hello"]).isfinite().all()
