@@ -299,6 +299,18 @@ def _rich_status(fn: Callable[[Callable[[str], None]], Path]) -> Path:
         return fn(status)
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and a deprecation warning that peft triggers
+    on every adapter load: a run loads models a dozen times, and its own bars say what happens."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def resolve(name_or_path: str | os.PathLike) -> Path | str:
     """What a backend should load: a registry name -> its cached directory (installed on first
     use), an existing local directory -> itself, anything else -> a hub id for transformers."""
@@ -330,7 +342,7 @@ def list_cmd() -> None:
 
     table = Table(title=f"models (cache: {cache_root()})")
     for col in ("name", "params", "source", "installed", "path"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # wrap rather than cut: paths are copied from here
     for s in REGISTRY.values():
         installed = is_installed(s.name)
         name = s.name + (" (default)" if s.name == DEFAULT_MODEL else "")

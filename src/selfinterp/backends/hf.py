@@ -1,0 +1,445 @@
+"""The transformers backend: CPU-first, CUDA automatically when present.
+
+Measuring a choice is one forward pass: the prompt, rendered by the model's own chat template
+up to where the assistant's answer begins, then the probabilities of the tokens "A" and "B" at
+that position. Prompts are batched with LEFT padding, so that the last position of every row is
+the answer position, with position ids counted from each row's first real token, so a prompt's
+P(A) does not depend on what it is batched with (checked by a test to < 1e-4 in float32). Only
+the last position's logits are computed (``logits_to_keep=1``).
+
+Self-reports are generated greedily (or sampled, seeded), stopping at the end of the first
+JSON object; or, in the *constrained* mode, the backend writes the JSON skeleton and the model
+only picks the numbers (see :class:`_ReportFiller`).
+
+Defaults: float32 on CPU (bf16 moves P(A) by up to 0.05 on CPU), bf16 on GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
+                          LogitsProcessorList, StoppingCriteria, StoppingCriteriaList)
+
+from .. import models, prompts
+from ..chat_template import render, supports_system
+from .base import (WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfReport,
+                   json_object_end)
+
+ANSWER_LETTERS = ("A", "B")
+
+
+class AnswerTokenError(ValueError):
+    """The answer letters are not single, distinct tokens after the generation prompt."""
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of rendered chats. No special tokens are added: chat templates already write
+    their BOS where the model expects one, and a second BOS would change the model's input."""
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def answer_token_ids(tokenizer: Any, prompt_text: str, letters: Sequence[str] = ANSWER_LETTERS) -> tuple[int, ...]:
+    """The token id of each answer letter as the model would write it right after ``prompt_text``.
+
+    The letter must add exactly one token to the prompt's tokens without changing them (so the
+    probability of that token is the probability of the answer), and letters must differ.
+    """
+    base = encode(tokenizer, [prompt_text])[0]
+    ids = []
+    for letter in letters:
+        full = encode(tokenizer, [prompt_text + letter])[0]
+        if full[: len(base)] != base or len(full) != len(base) + 1:
+            added = tokenizer.convert_ids_to_tokens(full[len(base) - 1:])
+            raise AnswerTokenError(
+                f"answer {letter!r} is not a single token after the generation prompt "
+                f"(tokenised as {added}); choice probabilities cannot be read from one position"
+            )
+        ids.append(full[-1])
+    if len(set(ids)) != len(ids):
+        raise AnswerTokenError(f"answers {list(letters)} map to the same token ids {ids}")
+    return tuple(ids)
+
+
+def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first: little padding, and a
+    too-large batch fails at once rather than at the end)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class HFBackend:
+    """A causal LM from transformers (optionally with a peft adapter) behind the backend protocol."""
+
+    def __init__(self, model: str = models.DEFAULT_MODEL, adapter: str | None = None, device: str = "auto",
+                 dtype: str | torch.dtype = "auto", batch_size: int = 16, progress: bool = True):
+        self.model_name = str(model)
+        self.adapter = str(adapter) if adapter else None
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.batch_size = batch_size
+        self.progress = progress
+        path = models.resolve(model)
+        net, self.tokenizer = self._load(path)
+        self.tokenizer.padding_side = "left"  # the answer position is the last column of every row
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = net.to(self.device).eval()
+
+        self.system_role = supports_system(self.tokenizer)
+        probe = self.render(prompts.chat("Respond with A or B."))
+        self.answer_ids = answer_token_ids(self.tokenizer, probe)
+        self._number_vocab: NumberVocab | None = None  # built on the first constrained report
+        self.info: dict[str, Any] = {
+            "backend": "hf",
+            "model": self.model_name,
+            "path": str(path),
+            "adapter": self.adapter,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            # Templates without a system role get the system prompt folded into the first user turn.
+            "folded_system": not self.system_role,
+            "answer_tokens": dict(zip(ANSWER_LETTERS, self.answer_ids)),
+            "manifest": models.read_manifest(self.model_name) if self.model_name in models.REGISTRY else None,
+        }
+
+    def _load(self, path: Path | str) -> tuple[Any, Any]:
+        """(model, tokenizer): the base model, plus the adapter if any. An adapter is a peft
+        adapter directory, or an output directory of :func:`selfinterp.finetune.finetune`
+        (LoRA or full fine-tuning; loaded by that module, onto the base its manifest names)."""
+        adapter = Path(self.adapter) if self.adapter else None
+        if adapter is not None and not (adapter / "adapter_config.json").is_file():
+            if not (adapter / "manifest.json").is_file():
+                raise FileNotFoundError(f"{adapter} is neither a peft adapter nor a selfinterp.finetune output")
+            from .. import finetune as ft
+
+            return ft.load_finetuned(adapter, dtype=str(self.dtype).removeprefix("torch."))
+        tok = AutoTokenizer.from_pretrained(path)
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        if adapter is not None:
+            from peft import PeftModel
+
+            net = PeftModel.from_pretrained(net, str(adapter))
+        return net, tok
+
+    # ---------------------------------------------------------------------------------------
+    # Shared plumbing
+
+    def render(self, chat: Messages) -> str:
+        return render(self.tokenizer, chat, add_generation_prompt=True, system_role=self.system_role).text
+
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    @contextmanager
+    def _progress(self, what: str, total: int) -> Iterator[Callable[[int], None]]:
+        """A rich progress bar with counts on stderr, for more than one batch (unless silenced)."""
+        if not self.progress or total <= self.batch_size:
+            yield lambda n: None
+            return
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(what, total=total)
+            yield lambda n: bar.advance(task, n)
+
+    # ---------------------------------------------------------------------------------------
+    # Choices
+
+    @torch.inference_mode()
+    def choice_probs(self, chats: Sequence[Messages]) -> ChoiceProbs:
+        """P(A) renormalised over {A, B}, and the raw P(A) + P(B), at the first answer position."""
+        ids = encode(self.tokenizer, [self.render(c) for c in chats])
+        p_a, mass = np.zeros(len(ids)), np.zeros(len(ids))
+        a, b = self.answer_ids
+        with self._progress("scoring choices", len(ids)) as advance:
+            for batch in _length_batches([len(x) for x in ids], self.batch_size):
+                input_ids, mask = self._pad([ids[i] for i in batch])
+                # Positions count from each row's first real token, as they would unpadded (RoPE
+                # models do not care about the shift, models with absolute positions do).
+                positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+                out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                 logits_to_keep=1, use_cache=False)
+                logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+                la, lb = logp[:, a], logp[:, b]
+                p_a[batch] = torch.sigmoid(la - lb).cpu().numpy()  # = P(A) / (P(A) + P(B)), stably
+                mass[batch] = (la.exp() + lb.exp()).cpu().numpy()
+                advance(len(batch))
+        return ChoiceProbs(p_a=p_a, mass=mass)
+
+    # ---------------------------------------------------------------------------------------
+    # Free generation
+
+    def _generation_config(self, max_new_tokens: int, temperature: float, top_p: float,
+                           eos_token_id: int | list[int] | None = None) -> GenerationConfig:
+        # A fresh config, so defaults shipped with a model (sampling, penalties) never leak in.
+        sample = temperature > 0
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=sample,
+            temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
+            eos_token_id=eos_token_id if eos_token_id is not None else self.model.generation_config.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+
+    @torch.inference_mode()
+    def generate(self, chats: Sequence[Messages], max_new_tokens: int = 256, temperature: float = 0.0,
+                 seed: int = 0, top_p: float = 1.0, stop_at_json: bool = True,
+                 logits_processor: Sequence[LogitsProcessor] = ()) -> list[str]:
+        """Replies to the chats: greedy by default, seeded sampling when ``temperature > 0``.
+
+        With ``stop_at_json`` a row stops at the end of its first balanced JSON object (and the
+        text is cut there), otherwise at EOS or ``max_new_tokens``. ``logits_processor`` is
+        passed to transformers (e.g. to ban tokens); it is created per call, so it sees each
+        batch from its first step.
+        """
+        ids = encode(self.tokenizer, [self.render(c) for c in chats])
+        texts = [""] * len(ids)
+        config = self._generation_config(max_new_tokens, temperature, top_p)
+        torch.manual_seed(seed)
+        with self._progress("generating", len(ids)) as advance:
+            for batch in _length_batches([len(x) for x in ids], self.batch_size):
+                input_ids, mask = self._pad([ids[i] for i in batch])
+                prompt_len = input_ids.shape[1]
+                stops = StoppingCriteriaList([_JsonObjectStop(self.tokenizer, prompt_len)] if stop_at_json else [])
+                out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
+                                          stopping_criteria=stops,
+                                          logits_processor=LogitsProcessorList(list(logits_processor)))
+                for row, i in enumerate(batch):
+                    text = self.tokenizer.decode(out[row, prompt_len:], skip_special_tokens=True)
+                    end = json_object_end(text) if stop_at_json else None
+                    texts[i] = text[:end] if end is not None else text
+                advance(len(batch))
+        return texts
+
+    # ---------------------------------------------------------------------------------------
+    # Constrained self-reports
+
+    def number_vocab(self) -> "NumberVocab":
+        """The tokens that may write a number slot of a constrained report (built once)."""
+        if self._number_vocab is None:
+            self._number_vocab = _number_vocab(self.tokenizer)
+        return self._number_vocab
+
+    @torch.inference_mode()
+    def constrained_reports(self, chats: Sequence[Messages], attribute_names_per_chat: Sequence[Sequence[str]],
+                            temperature: float = 0.0, seed: int = 0) -> list[SelfReport]:
+        """Self-reports in the constrained mode: ``{"name1": <n>, ...}`` with only the numbers chosen
+        by the model (integers in [-100, 100], greedily by default), so every reply parses.
+
+        ``text`` is the filled template as canonical JSON (the model's numbers; spacing normalised).
+        """
+        if len(chats) != len(attribute_names_per_chat):
+            raise ValueError(f"{len(chats)} chats but {len(attribute_names_per_chat)} lists of attribute names")
+        ids = encode(self.tokenizer, [self.render(c) for c in chats])
+        eos = self.tokenizer.eos_token_id
+        plans = [_report_plan(self.tokenizer, names) for names in attribute_names_per_chat]
+        reports: list[SelfReport | None] = [None] * len(ids)
+        vocab = self.number_vocab()
+        torch.manual_seed(seed)
+        with self._progress("constrained reports", len(ids)) as advance:
+            for batch in _length_batches([len(x) for x in ids], self.batch_size):
+                input_ids, mask = self._pad([ids[i] for i in batch])
+                filler = _ReportFiller([plans[i] for i in batch], vocab, input_ids.shape[1], eos)
+                config = self._generation_config(filler.max_new_tokens, temperature, 1.0, eos_token_id=eos)
+                self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
+                                    logits_processor=LogitsProcessorList([filler]))
+                for row, i in enumerate(batch):
+                    names = list(attribute_names_per_chat[i])
+                    values = filler.values(row)
+                    weights = {n: max(WEIGHT_MIN, min(WEIGHT_MAX, v)) for n, v in zip(names, values)}
+                    reports[i] = SelfReport(text=json.dumps(weights, ensure_ascii=False), weights=weights, mode="constrained")
+                advance(len(batch))
+        return [r for r in reports if r is not None]
+
+    # ---------------------------------------------------------------------------------------
+    # Fine-tuning
+
+    def finetune(self, train: Any, val: Any, config: Any, out_dir: str | Path | None = None,
+                 **kwargs: Any) -> ModelRef:
+        """Fine-tune this backend's base model (delegated to :func:`selfinterp.finetune.finetune`).
+
+        ``train``/``val``: lists of {"messages": [...]} or JSONL paths; ``config``: a
+        ``FinetuneConfig`` or its dict; ``out_dir``: where the run is written (required).
+        The result loads with ``HFBackend(ref.base, adapter=ref.adapter)``.
+        """
+        if importlib.util.find_spec("selfinterp.finetune") is None:
+            raise NotImplementedError("fine-tuning is implemented in selfinterp.finetune, which is not available yet")
+        from .. import finetune as ft
+
+        if out_dir is None:
+            raise ValueError("HFBackend.finetune needs out_dir: the directory the fine-tuned model is written to")
+        if self.adapter:
+            raise ValueError("fine-tuning starts from a base model; this backend has an adapter loaded")
+        if isinstance(config, dict):
+            config = ft.FinetuneConfig.from_dict(config)
+        result = ft.finetune(self.info["path"], train, val, config, out_dir, progress=self.progress, **kwargs)
+        return ModelRef(base=self.model_name, adapter=str(result.path), metadata=dict(result.manifest))
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping at the end of a JSON object
+
+
+class _JsonObjectStop(StoppingCriteria):
+    """Per row: done once the generated text contains a balanced JSON object."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int):
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+        self.done: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        if self.done is None:
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row in range(input_ids.shape[0]):
+            # Only a token containing "}" can close the object: decode the whole reply only then.
+            if self.done[row] or "}" not in self.tokenizer.decode(input_ids[row, -1:]):
+                continue
+            text = self.tokenizer.decode(input_ids[row, self.prompt_len:], skip_special_tokens=True)
+            self.done[row] = json_object_end(text) is not None
+        return self.done.clone()
+
+
+# --------------------------------------------------------------------------------------------
+# Constrained reports: the backend writes the JSON, the model writes the numbers
+#
+# A report is a plan of segments: forced text ('{"name1":'), a number slot, forced text
+# (', "name2":'), ..., forced '}', then EOS. A logits processor masks every token except the
+# next forced one, or, in a number slot, the tokens that keep the slot a prefix of a valid
+# number: an optional space, then an integer in [-100, 100] without leading zeros. A slot may end
+# (by taking the next forced token) as soon as it holds a valid number. The model's own logits
+# choose among the allowed tokens, so the numbers are its answer, and every reply parses.
+
+VALID_NUMBERS = frozenset(p + str(i) for i in range(WEIGHT_MIN, WEIGHT_MAX + 1) for p in ("", " "))
+NUMBER_PREFIXES = frozenset(s[:j] for s in VALID_NUMBERS for j in range(len(s) + 1))  # includes ""
+
+
+def _token_texts(tokenizer: Any, ids: Sequence[int]) -> dict[int, str]:
+    """The text each token adds after a ':' (decoding in context keeps leading spaces that
+    sentencepiece tokenizers drop when a token is decoded alone)."""
+    anchor = encode(tokenizer, [":"])[0]
+    head = tokenizer.decode(anchor)
+    return {i: tokenizer.decode(anchor + [i])[len(head):] for i in ids}
+
+
+@dataclass(frozen=True)
+class NumberVocab:
+    texts: dict[int, str]  # token id -> the text it writes, for tokens made of ' ', '-' and digits
+    transitions: dict[str, list[int]]  # slot prefix -> token ids that extend it to a valid prefix
+
+
+def _number_vocab(tokenizer: Any) -> NumberVocab:
+    """The tokens a number slot may use, from a scan of the vocabulary."""
+    chars = set(" -0123456789")
+    candidates = []
+    for i, raw in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        s = (raw or "").replace("Ġ", " ").replace("▁", " ")
+        if s and set(s) <= chars:
+            candidates.append(i)
+    texts = {i: t for i, t in _token_texts(tokenizer, candidates).items() if t and set(t) <= chars}
+    transitions = {p: [i for i, t in texts.items() if p + t in NUMBER_PREFIXES] for p in NUMBER_PREFIXES}
+    if not transitions[""]:
+        raise ValueError("the tokenizer has no digit tokens: constrained reports are impossible")
+    return NumberVocab(texts=texts, transitions=transitions)
+
+
+def _report_plan(tokenizer: Any, names: Sequence[str]) -> list[list[int] | None]:
+    """The segments of one report: token ids to force, or None for a number slot."""
+    plan: list[list[int] | None] = []
+    for j, name in enumerate(names):
+        plan.append(encode(tokenizer, [("{" if j == 0 else ", ") + json.dumps(name) + ":"])[0])
+        plan.append(None)
+    plan.append(encode(tokenizer, ["}"])[0])
+    return plan
+
+
+class _ReportFiller(LogitsProcessor):
+    """Masks logits so that each row writes exactly its plan, choosing only the numbers."""
+
+    MAX_NUMBER_TOKENS = 5  # " ", "-", and three digits, in the worst tokenisation
+
+    def __init__(self, plans: Sequence[list[list[int] | None]], vocab: NumberVocab, prompt_len: int,
+                 eos_id: int):
+        self.plans = [list(p) for p in plans]
+        self.texts, self.transitions = vocab.texts, vocab.transitions
+        self.prompt_len = prompt_len
+        self.eos_id = eos_id
+        n = len(plans)
+        self.segment = [0] * n  # index into the row's plan
+        self.pos = [0] * n  # tokens already written of a forced segment
+        self.buffer = [""] * n  # the current number slot's text
+        self._values: list[list[int]] = [[] for _ in range(n)]
+        self.max_new_tokens = max(
+            sum(len(s) if s is not None else self.MAX_NUMBER_TOKENS for s in p) for p in self.plans) + 1  # EOS
+
+    def values(self, row: int) -> list[int]:
+        if self.segment[row] < len(self.plans[row]):
+            raise RuntimeError("constrained report did not finish (token budget too small)")
+        return self._values[row]
+
+    def _consume(self, row: int, token: int) -> None:
+        plan, k = self.plans[row], self.segment[row]
+        if k >= len(plan):
+            return  # finished: generate pads this row from now on
+        if plan[k] is None:  # a number slot: extend it, or end it with the next forced token
+            ext = self.transitions.get(self.buffer[row], [])
+            if token in ext:
+                self.buffer[row] += self.texts[token]
+                return
+            self._values[row].append(int(self.buffer[row]))
+            self.buffer[row] = ""
+            self.segment[row] = k = k + 1
+        seg = plan[k]
+        assert seg is not None and token == seg[self.pos[row]], "generation left the constrained plan"
+        self.pos[row] += 1
+        if self.pos[row] == len(seg):
+            self.segment[row], self.pos[row] = k + 1, 0
+
+    def _allowed(self, row: int) -> list[int]:
+        plan, k = self.plans[row], self.segment[row]
+        if k >= len(plan):
+            return [self.eos_id]  # the report is written: end the row
+        if plan[k] is not None:
+            return [plan[k][self.pos[row]]]
+        allowed = list(self.transitions.get(self.buffer[row], []))
+        if self.buffer[row] in VALID_NUMBERS:
+            allowed.append(plan[k + 1][0])  # end the number
+        return allowed
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] > self.prompt_len:
+            for row, token in enumerate(input_ids[:, -1].tolist()):
+                self._consume(row, token)
+        mask = torch.full_like(scores, float("-inf"))
+        for row in range(scores.shape[0]):
+            mask[row, self._allowed(row)] = 0.0
+        return scores + mask

@@ -1,0 +1,204 @@
+"""The transformers backend, on a tiny random model with SmolLM2's real tokenizer and template."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from selfinterp import prompts, scenarios
+from selfinterp.backends import Backend, ConstrainedReporter, json_object_end
+from selfinterp.design import sample_pairs
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def sharp_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with larger random weights: its P(A) varies from prompt to prompt (the
+    default initialisation gives ~0.5 everywhere, which would hide padding or position bugs)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    out = tmp_path_factory.mktemp("sharp-llama")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def backend(sharp_model_dir):
+    from selfinterp.backends.hf import HFBackend
+
+    return HFBackend(str(sharp_model_dir), batch_size=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def bank():
+    return scenarios.load_bank()
+
+
+def decision_chats(bank, n_scenarios=4, per=2):
+    return [prompts.decision_chat(s, p.a, p.b) for s in bank[:n_scenarios] for p in sample_pairs(s, per, seed=0)]
+
+
+def test_backend_implements_the_protocol(backend):
+    assert isinstance(backend, Backend)
+    assert isinstance(backend, ConstrainedReporter)
+    assert backend.info["device"] == "cpu" and backend.info["dtype"] == "float32"
+    assert backend.info["folded_system"] is False  # SmolLM2's template has a system role
+
+
+def test_answer_letters_are_single_distinct_tokens(backend):
+    a, b = backend.answer_ids
+    assert a != b
+    tok = backend.tokenizer
+    assert tok.decode([a]) == "A" and tok.decode([b]) == "B"
+    assert backend.info["answer_tokens"] == {"A": a, "B": b}
+
+
+def test_multi_token_answers_are_refused(backend):
+    from selfinterp.backends.hf import AnswerTokenError, answer_token_ids
+
+    prompt = backend.render(prompts.chat("hi"))
+    with pytest.raises(AnswerTokenError, match="not a single token"):
+        answer_token_ids(backend.tokenizer, prompt, ("A", "Zyxwvut qrs"))
+    with pytest.raises(AnswerTokenError, match="same token"):
+        answer_token_ids(backend.tokenizer, prompt, ("A", "A"))
+
+
+def test_batched_p_a_matches_one_prompt_at_a_time(backend, bank):
+    chats = decision_chats(bank)
+    lengths = {len(backend.tokenizer(backend.render(c))["input_ids"]) for c in chats}
+    assert len(lengths) > 3, "the test needs prompts of different lengths (left padding)"
+    batched = backend.choice_probs(chats)
+    single = [backend.choice_probs([c]) for c in chats]
+    p_single = np.array([s.p_a[0] for s in single])
+    m_single = np.array([s.mass[0] for s in single])
+    assert np.std(p_single) > 1e-3, "P(A) should vary across prompts, or the comparison is vacuous"
+    assert np.max(np.abs(batched.p_a - p_single)) < 1e-4
+    assert np.max(np.abs(batched.mass - m_single)) < 1e-4
+
+
+def test_probabilities_are_in_range(backend, bank):
+    cp = backend.choice_probs(decision_chats(bank, 2, 2))
+    assert len(cp) == 4
+    assert np.all((cp.p_a > 0) & (cp.p_a < 1))
+    assert np.all((cp.mass > 0) & (cp.mass <= 1))
+    assert cp.choices == ["A" if p >= 0.5 else "B" for p in cp.p_a]
+
+
+def test_json_object_end():
+    assert json_object_end('{"a": 1} tail') == 8
+    assert json_object_end('```json\n{"a": {"b": 2}}\n```') == len('```json\n{"a": {"b": 2}}')
+    assert json_object_end('{"a}": "{"}x') == len('{"a}": "{"}')  # braces inside strings
+    assert json_object_end('{"a": "\\"}"}') == len('{"a": "\\"}"}')  # escaped quote
+    assert json_object_end('{"a": 1') is None
+    assert json_object_end("no json") is None
+
+
+class Scripted:
+    """A logits processor that makes every row write ``text`` token by token (then more)."""
+
+    def __init__(self, tokenizer, text):
+        self.ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.start = None
+        self.calls = 0
+
+    def __call__(self, input_ids, scores):
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        step = input_ids.shape[1] - self.start
+        self.calls += 1
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.ids[min(step, len(self.ids) - 1)]] = 0
+        return forced
+
+
+def test_generation_stops_at_the_end_of_the_json_object(backend, bank):
+    obj = '{"a": {"b": "x}"}, "c": -2}'
+    script = Scripted(backend.tokenizer, obj + " and then some more text that should never be generated")
+    chats = decision_chats(bank, 2, 1)
+    texts = backend.generate(chats, max_new_tokens=60, logits_processor=[script])
+    assert texts == [obj, obj]
+    n_obj = len(backend.tokenizer(obj, add_special_tokens=False)["input_ids"])
+    assert script.calls == n_obj  # stopped right after the closing brace, not at max_new_tokens
+
+
+def test_generation_without_json_runs_to_the_token_limit(backend, bank):
+    chats = decision_chats(bank, 3, 1)
+    texts = backend.generate(chats, max_new_tokens=5, stop_at_json=False)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    # Greedy decoding is deterministic and does not depend on the batch.
+    assert backend.generate(chats[:1], max_new_tokens=5, stop_at_json=False) == texts[:1]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.5])
+def test_constrained_reports_always_parse(backend, bank, temperature):
+    chats, names = [], []
+    for s in bank[:3]:
+        for p in sample_pairs(s, 2, seed=0):
+            chats.append(prompts.introspection_chat(s, p.a, p.b))
+            names.append(s.attribute_names)
+    # Other numbers of attributes and awkward names, in the same batches.
+    names[1] = ["x"]
+    names[2] = ['quote " and \\ backslash', "café ☕", "with, comma: and } brace", "a b", "1", "-", "z"]
+    reports = backend.constrained_reports(chats, names, temperature=temperature, seed=3)
+    assert len(reports) == len(chats)
+    for report, expected in zip(reports, names):
+        assert report.mode == "constrained"
+        parsed = json.loads(report.text)
+        assert list(parsed) == list(expected)
+        assert parsed == report.weights
+        assert all(type(v) is int and -100 <= v <= 100 for v in parsed.values())
+
+
+def test_constrained_number_vocabulary_only_writes_valid_numbers(backend):
+    from selfinterp.backends.hf import NUMBER_PREFIXES, VALID_NUMBERS
+
+    vocab = backend.number_vocab()
+    # Every path through the transitions stays a prefix of a valid number.
+    for prefix, ids in vocab.transitions.items():
+        assert all(prefix + vocab.texts[i] in NUMBER_PREFIXES for i in ids)
+    # Every valid number can be written (single-digit tokens exist).
+    reachable, frontier = set(), {""}
+    while frontier:
+        nxt = {p + vocab.texts[i] for p in frontier for i in vocab.transitions[p]}
+        reachable |= nxt
+        frontier = nxt
+    assert VALID_NUMBERS <= reachable
+
+
+def test_finetune_delegates_and_the_result_loads(tiny_model_dir, bank, tmp_path):
+    from selfinterp.backends import ModelRef
+    from selfinterp.backends.hf import HFBackend
+
+    base = HFBackend(str(tiny_model_dir), progress=False)
+    if importlib.util.find_spec("selfinterp.finetune") is None:
+        with pytest.raises(NotImplementedError, match="selfinterp.finetune"):
+            base.finetune([], [], {}, out_dir=tmp_path)
+        return
+    s = bank[0]
+    train = [{"messages": prompts.decision_chat(s, p.a, p.b, "B")} for p in sample_pairs(s, 4, seed=0)]
+    config = {"method": "lora", "epochs": 4, "batch_size": 4, "lr": 5e-2, "lora_rank": 4, "autocast": None,
+              "warmup_ratio": 0.0, "schedule": "constant"}
+    ref = base.finetune(train, None, config, out_dir=tmp_path / "run")
+    assert isinstance(ref, ModelRef) and ref.base == str(tiny_model_dir) and ref.metadata["method"] == "lora"
+    tuned = HFBackend(ref.base, adapter=ref.adapter, progress=False)
+    chats = [prompts.decision_chat(s, p.a, p.b) for p in sample_pairs(s, 4, seed=0)]
+    before, after = base.choice_probs(chats), tuned.choice_probs(chats)
+    assert np.all(after.p_a < before.p_a)  # trained towards "B"
+
+
+def test_importing_selfinterp_backends_does_not_import_torch():
+    code = "import sys, selfinterp, selfinterp.backends, selfinterp.models; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
