@@ -42,6 +42,7 @@ class TrainSettings(Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     cache_lower_layers: bool = False
+    cache_dtype: Literal["float32", "bfloat16"] = "float32"
     autocast: Optional[Literal["bfloat16", "float16"]] = "bfloat16"
     max_length: int = Field(1024, ge=16)
 
@@ -61,6 +62,7 @@ class SimulatedSettings(Strict):
 class Gate(Strict):
     """Thresholds instillation must reach before the run spends time on reports."""
 
+    enabled: bool = True
     min_agreement: float = Field(0.6, ge=0, le=1, description="held-out agreement with the simulated choices")
     min_r: float = Field(0.3, ge=-1, le=1, description="learned-vs-instilled Pearson r")
 
@@ -115,17 +117,24 @@ class RunConfig(Strict):
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
-        name="smoke", n_instilled=4, n_native=2, n_train=24, n_val=4, counterbalance=True,
-        n_eval_trials=8, n_native_trials=8, n_reports=2, n_introspection=4, report_mode="constrained",
+        # Proves the machinery, not a result: a few minutes on a 2-core CPU. Soft targets (P(A)) so
+        # that 16 choices per scenario still give identified learned weights to analyse.
+        name="smoke", n_instilled=6, n_native=4, n_train=32, n_val=4, counterbalance=True,
+        n_eval_trials=16, n_native_trials=16, soft_targets=True, n_reports=2, n_introspection=4,
+        report_mode="constrained",
         instill=dict(method="lora", layers=4, cache_lower_layers=True, lr=1e-3, epochs=1, batch_size=8),
         introspection=dict(method="lora", layers=4, cache_lower_layers=True, lr=1e-3, epochs=1, batch_size=8),
-        gate=dict(min_agreement=0.0, min_r=-1.0),
+        gate=dict(enabled=False),
     ),
     "cpu": dict(
-        name="cpu", n_instilled=10, n_native=10, n_train=400, n_val=10, counterbalance=True,
+        # Recipe r03 of benchmarks/instill_cpu.md (held-out agreement 0.79, r 0.87 on 10 scenarios):
+        # 500 counterbalanced pairs per scenario, one epoch of full fine-tuning of the top 12 of 30
+        # layers on cached lower-layer activations, lr 3e-4, batch 16.
+        name="cpu", n_instilled=10, n_native=10, n_train=500, n_val=10, counterbalance=True,
         n_eval_trials=30, n_native_trials=30, eval_counterbalance=True, n_reports=5, n_introspection=20,
         report_mode="constrained",
-        instill=dict(method="full", layers=12, cache_lower_layers=True, lr=3e-4, epochs=2, batch_size=16),
+        instill=dict(method="full", layers=12, cache_lower_layers=True, cache_dtype="bfloat16", lr=3e-4,
+                     epochs=1, batch_size=16),
         introspection=dict(method="full", layers=12, cache_lower_layers=True, lr=3e-4, epochs=2, batch_size=8),
     ),
     "paper": dict(name="paper", backend="hf", model="Qwen/Qwen2.5-7B-Instruct"),

@@ -117,7 +117,12 @@ def write_report(run) -> Path:
     parts.append("<h2>Instillation</h2>")
     if val:
         gate = val.get("gate", {})
-        status = '<span class="ok">passed</span>' if gate.get("passed") else '<span class="bad">failed</span>'
+        if not gate.get("enabled", True):
+            status = "disabled"
+        elif gate.get("passed"):
+            status = '<span class="ok">passed</span>'
+        else:
+            status = '<span class="bad">failed</span>'
         parts.append(_table(["held-out agreement", "learned vs instilled r", "answers A", "mean P(A)+P(B)",
                              "min P(A)+P(B)", "choices", "gate"],
                             [[_fmt(val.get("agreement")), _fmt(val.get("learned_vs_instilled_r")),

@@ -132,6 +132,10 @@ class Run:
     def execute(self) -> dict:
         """Run every stage that is not done; return the results (analysis/results.json)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.cfg.backend == "hf":
+            from .models import quiet_transformers
+
+            quiet_transformers()
         atomic_write_json(self.path("config.json"), json.loads(self.cfg.model_dump_json()))
         for stage in self.stages():
             if self.is_done(stage):
@@ -412,14 +416,16 @@ def stage_validate(run: Run) -> dict:
               "not_identified": learned.flags})
     run.console.print(f"  held-out agreement with the instilled choices {agreement:.3f}, learned-vs-instilled "
                       f"r {r:.3f} over {len(ids)} scenarios; answers A {m['a_rate']:.2f}, P(A)+P(B) {m['mean_mass']:.2f}")
-    ok = agreement >= cfg.gate.min_agreement and (r >= cfg.gate.min_r)
-    m["gate"] = {"passed": bool(ok), "min_agreement": cfg.gate.min_agreement, "min_r": cfg.gate.min_r,
-                 "forced": bool(not ok and run.force)}
+    # A NaN r (fewer than 2 scenarios with identified weights) fails the gate: nothing was shown to be learned.
+    ok = not cfg.gate.enabled or (agreement >= cfg.gate.min_agreement and bool(r >= cfg.gate.min_r))
+    m["gate"] = {"enabled": cfg.gate.enabled, "passed": bool(ok), "min_agreement": cfg.gate.min_agreement,
+                 "min_r": cfg.gate.min_r, "forced": bool(not ok and run.force)}
     if not ok and not run.force:
         atomic_write_json(run.path("stages", "validate.failed.json"), m)
         raise GateFailed(
             f"instillation did not take: held-out agreement {agreement:.3f} (gate {cfg.gate.min_agreement}), "
-            f"learned-vs-instilled r {r:.3f} (gate {cfg.gate.min_r}), answering A {m['a_rate']:.0%} of the time. "
+            f"learned-vs-instilled r {r:.3f} (gate {cfg.gate.min_r}; {len(ids)} of {len(d['instilled'])} scenarios "
+            f"had identified weights), answering A {m['a_rate']:.0%} of the time. "
             "Try more examples per scenario (n_train), more epochs or a higher learning rate (instill.*), more "
             "trained layers, or counterbalance = true; see benchmarks/instill_cpu.md. Re-run with --force to "
             "continue anyway.")

@@ -101,7 +101,7 @@ def correlate(reports: np.ndarray, weights: np.ndarray, strata: np.ndarray | Non
     r = pearson(point_x, point_y)
     rng = np.random.default_rng(seed)
     boots = _r_of_rows(x, y, _resample(strata, n_boot, rng), strata, z)
-    lo, hi = np.nanquantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = _interval(boots, level)
     return Correlation(r=r, ci=(float(lo), float(hi)), n_scenarios=len(x),
                        sign_agreement=sign_agreement(point_x, point_y))
 
@@ -133,7 +133,7 @@ def compare(reports_a: np.ndarray, reports_b: np.ndarray, weights: np.ndarray,
     rb = _r_of_rows(xb, y, idx, sb, strata_b is not None)
     point_a = correlate(xa, y, strata_a, n_boot=1).r
     point_b = correlate(xb, y, strata_b, n_boot=1).r
-    lo, hi = np.nanquantile(rb - ra, [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = _interval(rb - ra, level)
     return Difference(diff=point_b - point_a, ci=(float(lo), float(hi)), n_scenarios=len(y))
 
 
@@ -159,8 +159,18 @@ def split_half_reliability(reports: list[np.ndarray], n_splits: int = 100, seed:
             h1.append(r[perm[:half]].mean(axis=0))
             h2.append(r[perm[half:]].mean(axis=0))
         rs.append(pearson(np.array(h1), np.array(h2)))
+    if np.isnan(rs).all():  # e.g. every report identical: no reliability to speak of
+        return float("nan")
     r = float(np.nanmean(rs))
     return 2 * r / (1 + r) if r > -1 else float("nan")
+
+
+def _interval(boots: np.ndarray, level: float) -> tuple[float, float]:
+    """Percentile interval of bootstrap replicates, ignoring undefined ones (NaN when all are)."""
+    if np.isnan(boots).all():  # e.g. constant reports: r is undefined in every resample
+        return float("nan"), float("nan")
+    lo, hi = np.nanquantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def _check_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,79 @@
+"""Every stage of a run on the transformers backend, with a tiny random model (seconds, not minutes).
+
+The simulated backend (test_run.py) checks the statistics against known answers; this test checks
+that the real model path, fine-tuning, merged and adapter models, constrained reports, the paper's
+CSV layout and the report, fits together on a model small enough for CI.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from selfinterp import config
+from selfinterp.run import Run
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def hf_run(tiny_model_dir, tmp_path_factory):
+    train = dict(method="lora", layers=1, cache_lower_layers=True, lr=1e-3, epochs=1, batch_size=8)
+    cfg = config.build("smoke", overrides=dict(
+        model=str(tiny_model_dir), model_label="tiny", n_instilled=4, n_native=2, n_train=8, n_val=2,
+        n_eval_trials=6, n_native_trials=6, eval_counterbalance=True, n_reports=2, n_introspection=2, batch_size=8,
+        instill=train, introspection={**train, "method": "full"}))
+    root = tmp_path_factory.mktemp("hf-run")
+    results = Run(cfg, root, progress=False).execute()
+    return root, results
+
+
+def test_every_stage_finishes_with_its_artifacts(hf_run):
+    root, results = hf_run
+    states = {p.stem: json.loads(p.read_text()) for p in (root / "stages").glob("*.json")}
+    expected = {"design", "instill", "validate", "reports_base", "reports_instilled", "itrain_first", "itrain_last",
+                "itrain_all", "reports_itrained_first", "reports_itrained_last", "native_choices",
+                "reports_native_instilled", "reports_native_itrained", "analysis", "report"}
+    assert expected <= set(states)
+    for name in expected:  # every output a stage registered exists
+        for rel in states[name]["outputs"]:
+            assert (root / rel).exists(), f"{name}: {rel}"
+    # LoRA instillation wrote an adapter; full introspection training started from the merged model.
+    assert (root / "models" / "instilled" / "adapter").is_dir()
+    assert (root / "models" / "instilled" / "merged" / ".complete").exists()
+    manifest = json.loads((root / "models" / "itrained_all" / "manifest.json").read_text())
+    assert manifest["config"]["method"] == "full" and manifest["base_model"].endswith("merged")
+    assert states["instill"]["summary"]["steps"] >= 1 and states["instill"]["summary"]["final_loss"] is not None
+    assert (root / "report.html").read_text().count("<table") >= 3
+    assert "tiny" in results["models"]
+
+
+def test_choices_are_probabilities_in_the_papers_layout(hf_run):
+    root, _ = hf_run
+    df = pd.read_csv(root / "tiny_instilled_selections.csv")
+    assert len(df) == 4 * 6 * 2  # 4 scenarios x 6 pairs, each also swapped (eval_counterbalance)
+    assert df["p_a"].between(0, 1).all() and df["mass"].between(0, 1.0001).all()
+    assert set(df["selection"]) <= {"A", "B"}
+    assert ((df["p_a"] >= 0.5) == (df["selection"] == "A")).all()
+
+
+def test_constrained_reports_all_parse(hf_run):
+    root, _ = hf_run
+    for f in ("tiny_weight_reports.csv", "tiny_instilled_weight_reports.csv",
+              "tiny_itrained_first_2_of_4_weight_reports.csv", "tiny_itrained_all_4_latent_weight_reports.csv"):
+        raw = [json.loads(line) for line in (root / "raw" / f.replace(".csv", ".jsonl")).read_text().splitlines()]
+        assert raw and all(r["ok"] and r["mode"] == "constrained" for r in raw), f
+        df = pd.read_csv(root / f)
+        assert len(df) == len(raw)
+        assert df[[f"report_attr{j}" for j in range(1, 6)]].abs().le(100).all().all()
+
+
+def test_a_finished_run_is_not_redone(hf_run, tiny_model_dir):
+    root, results = hf_run
+    cfg = config.RunConfig(**json.loads((root / "config.json").read_text()))
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "stages").glob("*.json")}
+    again = Run(cfg, root, progress=False).execute()
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "stages").glob("*.json")} == before
+    assert again == results
