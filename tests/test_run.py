@@ -165,3 +165,10 @@ def test_plan_power_analysis():
     res = CliRunner().invoke(app, ["plan", "--target-r", "0.5", "--scenarios", "20", "--reports", "2",
                                    "--n-sim", "10"])
     assert res.exit_code == 0 and "power" in res.output
+
+
+def test_checkpoint_frequency_is_not_part_of_a_stage_key():
+    a = config.build("cpu")
+    b = config.build("cpu", overrides={"instill": {"checkpoint_every": 7}})
+    c = config.build("cpu", overrides={"instill": {"lr": 1e-4}})
+    assert a.hash_fields("instill") == b.hash_fields("instill") != c.hash_fields("instill")

@@ -45,6 +45,8 @@ class TrainSettings(Strict):
     cache_dtype: Literal["float32", "bfloat16"] = "float32"
     autocast: Optional[Literal["bfloat16", "float16"]] = "bfloat16"
     max_length: int = Field(1024, ge=16)
+    checkpoint_every: Optional[int] = Field(100, ge=1, description="optimizer steps between checkpoints "
+                                            "(also one per epoch); what an interruption can lose at most")
 
 
 class SimulatedSettings(Strict):
@@ -112,7 +114,13 @@ class RunConfig(Strict):
         return Path(self.model).name.replace("_", "-") or "model"
 
     def hash_fields(self, *names: str) -> dict[str, Any]:
-        return {n: json.loads(self.model_dump_json(include={n}))[n] for n in names}
+        """The values of the named fields, as the stage keys see them (settings that cannot change
+        a result, like how often to checkpoint, are left out so that changing them redoes nothing)."""
+        out = {n: json.loads(self.model_dump_json(include={n}))[n] for n in names}
+        for n in ("instill", "introspection"):
+            if n in out:
+                out[n].pop("checkpoint_every", None)
+        return out
 
 
 PRESETS: dict[str, dict[str, Any]] = {

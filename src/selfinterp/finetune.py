@@ -803,7 +803,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description="Fine-tune a local model on chat examples (JSONL).")
-    ap.add_argument("--base", required=True, help="HF model directory, hub id or .gguf file")
+    ap.add_argument("--base", required=True, help="registry name (smollm2-135m), HF model directory, hub id or .gguf file")
     ap.add_argument("--train", required=True)
     ap.add_argument("--val")
     ap.add_argument("--out", required=True)
@@ -812,7 +812,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     cfg = json.loads(Path(args.config).read_text()) if Path(args.config).is_file() else json.loads(args.config)
-    result = finetune(args.base, args.train, args.val, FinetuneConfig(**cfg), args.out,
+    from . import models
+
+    base = args.base if args.base.endswith(".gguf") else str(models.resolve(args.base))  # registry names too
+    result = finetune(base, args.train, args.val, FinetuneConfig(**cfg), args.out,
                       resume=not args.no_resume, progress=not args.no_progress)
     if result.manifest and int(os.environ.get("RANK", "0")) == 0:
         m = result.manifest
