@@ -233,6 +233,23 @@ class Run:
                         TextColumn("eta"), TimeRemainingColumn(), console=self.console, disable=not self.progress,
                         transient=False)
 
+    def _call_in_batches(self, which: str, title: str, items: Sequence[tuple], journal: Journal,
+                         call: Callable[[Any, Sequence[tuple], int], list[dict]]) -> None:
+        """``call(backend, batch, start)`` over the items (keyed by their first element) that the
+        journal does not hold yet, recording each batch's results as soon as they arrive. The model
+        is loaded only if there is something left to do."""
+        todo = [it for it in items if it[0] not in journal]
+        if todo:
+            backend = self.backend(which)
+            with self._bar(title, len(items)) as bar:
+                task = bar.add_task("", total=len(items), completed=len(items) - len(todo))
+                for start in range(0, len(todo), self.cfg.batch_size):
+                    batch = todo[start:start + self.cfg.batch_size]
+                    journal.record_many(zip((it[0] for it in batch), call(backend, batch, start)))
+                    bar.update(task, advance=len(batch))
+            del backend
+        journal.close()
+
     def measure_choices(self, which: str, scenarios: Sequence[Scenario], n_trials: int, purpose: str,
                         counterbalance: bool, out_name: str) -> dict:
         """Choices of a model on fresh pairs -> a selections CSV in the paper's layout."""
@@ -241,19 +258,12 @@ class Run:
             for i, p in enumerate(design.sample_pairs(s, n_trials, self.cfg.seed, purpose, counterbalance)):
                 items.append((f"{s.id}:{i}", s, p))
         journal = self.journal("choices")
-        todo = [it for it in items if it[0] not in journal]
-        if todo:
-            backend = self.backend(which)
-            with self._bar(f"{which} model choices", len(items)) as bar:
-                task = bar.add_task("", total=len(items), completed=len(items) - len(todo))
-                for start in range(0, len(todo), self.cfg.batch_size):
-                    batch = todo[start:start + self.cfg.batch_size]
-                    probs = backend.choice_probs([prompts.decision_chat(s, p.a, p.b) for _, s, p in batch])
-                    journal.record_many((k, {"p_a": float(pa), "mass": float(m)})
-                                        for (k, _, _), pa, m in zip(batch, probs.p_a, probs.mass))
-                    bar.update(task, advance=len(batch))
-            del backend
-        journal.close()
+
+        def score(backend, batch, start):
+            probs = backend.choice_probs([prompts.decision_chat(s, p.a, p.b) for _, s, p in batch])
+            return [{"p_a": float(pa), "mass": float(m)} for pa, m in zip(probs.p_a, probs.mass)]
+
+        self._call_in_batches(which, f"{which} model choices", items, journal, score)
         rows = []
         for k, s, p in items:
             r = journal[k]
@@ -280,23 +290,17 @@ class Run:
             for i, p in enumerate(design.sample_pairs(s, cfg.n_reports, cfg.seed, "report")):
                 items.append((f"{s.id}:{i}", s, p, i))
         journal = self.journal("reports")
-        todo = [it for it in items if it[0] not in journal]
-        if todo:
-            backend = self.backend(which)
-            with self._bar(f"{which} model reports ({cfg.report_mode})", len(items)) as bar:
-                task = bar.add_task("", total=len(items), completed=len(items) - len(todo))
-                for start in range(0, len(todo), cfg.batch_size):
-                    batch = todo[start:start + cfg.batch_size]
-                    chats = [prompts.introspection_chat(s, p.a, p.b) for _, s, p, _ in batch]
-                    if cfg.report_mode == "constrained":
-                        texts = [r.text for r in backend.constrained_reports(chats, [s.attribute_names for _, s, _, _ in batch])]
-                    else:
-                        texts = backend.generate(chats, max_new_tokens=cfg.report_max_new_tokens,
-                                                 temperature=cfg.report_temperature, seed=cfg.seed + start)
-                    journal.record_many((k, {"text": t, "mode": cfg.report_mode}) for (k, _, _, _), t in zip(batch, texts))
-                    bar.update(task, advance=len(batch))
-            del backend
-        journal.close()
+
+        def report(backend, batch, start):
+            chats = [prompts.introspection_chat(s, p.a, p.b) for _, s, p, _ in batch]
+            if cfg.report_mode == "constrained":
+                texts = [r.text for r in backend.constrained_reports(chats, [s.attribute_names for _, s, _, _ in batch])]
+            else:
+                texts = backend.generate(chats, max_new_tokens=cfg.report_max_new_tokens,
+                                         temperature=cfg.report_temperature, seed=cfg.seed + start)
+            return [{"text": t, "mode": cfg.report_mode} for t in texts]
+
+        self._call_in_batches(which, f"{which} model reports ({cfg.report_mode})", items, journal, report)
         rows, raw, reasons = [], [], {}
         for k, s, p, i in items:
             text = journal[k]["text"]
