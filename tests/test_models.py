@@ -160,3 +160,16 @@ def test_smollm2_installs_and_loads_from_the_cache_in_seconds(monkeypatch):
     assert backend.info["manifest"]["gguf_sha256"] == manifest["gguf_sha256"]
     cp = backend.choice_probs([prompts.chat('Respond with "A" or "B". Which letter comes first?')])
     assert 0 < cp.mass[0] <= 1 and 0 < cp.p_a[0] < 1
+
+
+def test_run_with_an_unloadable_model_is_a_one_line_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from selfinterp.cli import app
+
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    res = CliRunner().invoke(app, ["run", "--preset", "smoke", "--model", str(bad), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 1
+    assert "cannot load model" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run" / "design.json").exists()  # nothing was started

@@ -232,7 +232,8 @@ def run_cmd(
     config_file: Optional[Path] = typer.Argument(None, help="A run configuration (TOML, YAML or JSON)."),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="smoke, cpu, paper or simulated."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<name>)."),
-    backend: Optional[str] = typer.Option(None, help="Override the backend (hf, simulated)."),
+    backend: Optional[str] = typer.Option(None, help="Override the backend, the inference engine (hf, simulated, openai)."),
+    trainer: Optional[str] = typer.Option(None, help="Override who fine-tunes (hf, simulated, openai, external; default: the backend)."),
     model: Optional[str] = typer.Option(None, help="Override the model (registry name, directory or hub id)."),
     seed: Optional[int] = typer.Option(None, help="Override the seed."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages, model calls, training, time) and stop."),
@@ -244,7 +245,8 @@ def run_cmd(
 
     if config_file is None and preset is None:
         fail("give a configuration file or --preset (smoke, cpu, paper, simulated)")
-    overrides = {k: v for k, v in (("backend", backend), ("model", model), ("seed", seed)) if v is not None}
+    overrides = {k: v for k, v in (("backend", backend), ("trainer", trainer), ("model", model), ("seed", seed))
+                 if v is not None}
     try:
         cfg = cfgmod.build(preset, config_file, overrides)
     except cfgmod.ConfigError as e:
@@ -253,11 +255,15 @@ def run_cmd(
     if dry_run:
         print_plan(cfg, out)
         return
+    from .models import ModelError
     from .run import GateFailed, Run
+    from .scenarios import ScenarioError
 
+    err.print(f"run [bold]{cfg.name}[/] ({cfg.backend}: {cfg.model if cfg.backend != 'simulated' else 'simulated'}) "
+              f"in {out.resolve()}")
     try:
         results = Run(cfg, out, force=force, console=err).execute()
-    except GateFailed as e:
+    except (GateFailed, ModelError, ScenarioError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted: finished work is kept in {out}; run the same command again to resume[/]")
@@ -270,6 +276,8 @@ def print_plan(cfg, out: Path) -> None:
     from .run import plan
 
     rows = plan(cfg)
+    if cfg.backend == "openai":
+        return print_api_plan(cfg, out, rows)
     t = Table(title=f"plan for {cfg.name} ({cfg.backend}: {cfg.model if cfg.backend != 'simulated' else 'simulated'}) -> {out}")
     for col, just in (("stage", "left"), ("model calls", "right"), ("kind", "left"), ("training examples", "right"),
                       ("epochs", "right"), ("est. time", "right")):
@@ -283,6 +291,33 @@ def print_plan(cfg, out: Path) -> None:
     console.print(t)
     if cfg.backend == "hf":
         console.print("Times are rough estimates for a 2-core CPU and SmolLM2-135M; a GPU is far faster.")
+
+
+def print_api_plan(cfg, out: Path, rows: list) -> None:
+    """The plan of a run on an OpenAI(-compatible) API: calls, tokens and estimated cost per stage."""
+    from .backends.openai_api import estimate_plan, public_url
+
+    est = estimate_plan(cfg, rows)
+    t = Table(title=f"plan for {cfg.name} (openai: {est['model']} at {public_url(cfg.openai.base_url)}, "
+                    f"trainer {cfg.trainer_name}) -> {out}")
+    for col in ("stage", "calls", "kind", "input tok.", "output tok.", "train ex.", "epochs", "train tok.", "USD"):
+        t.add_column(col, justify="left" if col in ("stage", "kind") else "right", no_wrap=True)
+
+    def money(x):
+        return "" if x is None else f"{x:,.2f}"
+
+    for r in rows:
+        t.add_row(r["stage"], f"{r['model_calls']:,}" if r["model_calls"] else "", r["call_kind"],
+                  f"{r['input_tokens']:,}" if r["input_tokens"] else "", f"{r['output_tokens']:,}" if r["output_tokens"] else "",
+                  f"{r['training_examples']:,}" if r["training_examples"] else "", str(r["epochs"] or ""),
+                  f"{r['training_tokens']:,}" if r["training_tokens"] else "", money(r["cost"]) if r["cost"] else "")
+    tot = est["totals"]
+    t.add_row("[bold]total[/]", f"{sum(r['model_calls'] for r in rows):,}", "", f"{tot['input_tokens']:,}",
+              f"{tot['output_tokens']:,}", f"{sum(r['training_examples'] for r in rows):,}", "",
+              f"{tot['training_tokens']:,}", f"[bold]{money(tot['cost']) or 'n/a'}[/]")
+    console.print(t)
+    for note in est["notes"]:
+        console.print(f"- {note}", highlight=False, markup=False)
 
 
 @app.command()

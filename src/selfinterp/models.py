@@ -308,6 +308,12 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    try:  # its retries on a machine without internet would print a line each
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    except ImportError:
+        pass
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
@@ -325,6 +331,23 @@ def resolve(name_or_path: str | os.PathLike) -> Path | str:
     if isinstance(name_or_path, Path) or text.startswith(("/", "./", "../", "~")) or path.exists():
         raise ModelError(f"{text} is not a model directory (and not a registry name: {', '.join(REGISTRY)})")
     return text
+
+
+def check_loadable(name_or_path: str | os.PathLike) -> Path | str:
+    """:func:`resolve`, then make sure transformers can read the model's config, so that a typo
+    or a hub id on a machine without internet fails at once with a one-line message, not in the
+    middle of a run with a traceback."""
+    target = resolve(name_or_path)
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(target))
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load model {str(name_or_path)!r}: {first} (give a registry name: "
+                         f"{', '.join(REGISTRY)}; a local model directory; or a hub id on a machine with "
+                         "internet access)") from None
+    return target
 
 
 # --------------------------------------------------------------------------------------------

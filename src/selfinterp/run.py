@@ -133,9 +133,10 @@ class Run:
         """Run every stage that is not done; return the results (analysis/results.json)."""
         self.root.mkdir(parents=True, exist_ok=True)
         if self.cfg.backend == "hf":
-            from .models import quiet_transformers
+            from .models import check_loadable, quiet_transformers
 
             quiet_transformers()
+            check_loadable(self.cfg.model)
         atomic_write_json(self.path("config.json"), json.loads(self.cfg.model_dump_json()))
         for stage in self.stages():
             if self.is_done(stage):
@@ -186,6 +187,8 @@ class Run:
 
             ref = None if which == "base" else ModelRef("simulated", str(self.model_dir(which)))
             return SimulatedBackend(self.all_scenarios, cfg.simulated.model_dump(), cfg.seed, ref)
+        if cfg.backend == "openai":
+            return self.openai_backend(which)
         from .backends.hf import HFBackend
 
         if which == "base":
@@ -205,6 +208,8 @@ class Run:
         if self.cfg.backend == "simulated":
             self.backend(base).finetune(train_path, val_path, None, out_dir=out)
             return {"model": str(out.relative_to(self.root))} | self._register_model(out)
+        if self.cfg.trainer_name in ("openai", "external"):
+            return self.train_openai(which, base, train_path, val_path, settings)
         from . import finetune as ft
         from . import models
 
@@ -216,6 +221,42 @@ class Run:
         return {"model": str(out.relative_to(self.root)), "steps": m.get("steps"),
                 "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
                 "val_loss": m.get("val_loss"), "train_seconds": m.get("wall_seconds")} | self._register_model(out)
+
+    def openai_backend(self, which: str, for_training: bool = False):
+        """The model ``which`` on the OpenAI(-compatible) server: the base model, a job's fine-tuned
+        model (models/<which>/manifest.json), or a served name from ``openai.models``."""
+        from .backends.openai_api import OpenAIBackend
+
+        o = self.cfg.openai
+        if which == "base":
+            name = o.model or self.cfg.model
+        elif which in o.models:
+            name = o.models[which]
+        else:
+            name = json.loads((self.model_dir(which) / "manifest.json").read_text()).get("fine_tuned_model")
+            if not name:
+                raise ValueError(f"models/{which}/manifest.json names no fine-tuned model; set openai.models.{which}")
+        record = None if for_training else self.path("raw", "api", f"{self.current or 'calls'}.jsonl")
+        return OpenAIBackend(name, **o.model_dump(exclude={"model", "models", "prices"}), record_path=record,
+                             log=lambda m: self.console.print(f"  {m}", highlight=False, markup=False))
+
+    def train_openai(self, which: str, base: str, train_path: Path, val_path: Path | None, settings) -> dict:
+        """Fine-tuning through the API (resumable: re-attaches to recorded files and jobs), or, with
+        trainer 'external', recording the served name of a model fine-tuned elsewhere."""
+        out = self.model_dir(which)
+        o = self.cfg.openai
+        if self.cfg.trainer_name == "external":
+            atomic_write_json(out / "manifest.json", {"trainer": "external", "fine_tuned_model": o.models[which]})
+            return {"model": str(out.relative_to(self.root)), "served_as": o.models[which]} | self._register_model(out)
+        epochs = settings.epochs if o.n_epochs is None else o.n_epochs
+        suffix = f"{o.suffix or self.cfg.name}-{which}".replace("_", "-")[-40:].strip("-")
+        ref = self.openai_backend(base, for_training=True).finetune(
+            train_path, val_path, out_dir=out, seed=self.cfg.seed, suffix=suffix,
+            hyperparameters={"n_epochs": epochs, "batch_size": o.batch_size,
+                             "learning_rate_multiplier": o.learning_rate_multiplier})
+        m = ref.metadata
+        return {"model": str(out.relative_to(self.root)), "fine_tuned_model": m["fine_tuned_model"],
+                "job_id": m["job_id"], "trained_tokens": m["trained_tokens"]} | self._register_model(out)
 
     def _register_model(self, out: Path) -> dict:
         for name in ("manifest.json", "simulated.json"):
@@ -520,7 +561,7 @@ def stage_report(run: Run) -> dict:
 _ALL = ("backend", "model", "seed")
 _DESIGN = ("scenarios", "seed", "n_instilled", "n_native", "n_train", "n_val", "counterbalance", "n_introspection")
 _REPORTS = ("n_reports", "report_mode", "report_max_new_tokens", "report_temperature")
-_MODEL_BACKEND = ("backend", "model", "simulated", "batch_size")
+_MODEL_BACKEND = ("backend", "model", "simulated", "batch_size", "trainer", "openai")
 
 STAGES: list[Stage] = [
     Stage("design", "scenarios, weights and fine-tuning datasets", (), _DESIGN, stage_design),
