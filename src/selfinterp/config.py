@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -61,6 +61,48 @@ class SimulatedSettings(Strict):
     call_delay: float = Field(0.0, ge=0, description="seconds per model call (to test interruption)")
 
 
+class OpenAIPrice(Strict):
+    """USD per million tokens (``ft_*``: calling a model fine-tuned from this one)."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    training: float = Field(0.0, ge=0)
+    ft_input: Optional[float] = Field(None, ge=0)
+    ft_output: Optional[float] = Field(None, ge=0)
+
+
+class OpenAISettings(Strict):
+    """The OpenAI API or any OpenAI-compatible server (see :mod:`selfinterp.backends.openai_api`).
+    The API key is read from the environment variable ``api_key_env``, never from a file."""
+
+    base_url: str = Field("https://api.openai.com/v1", pattern=r"^https?://", description="the server's /v1 URL")
+    model: Optional[str] = Field(None, min_length=1, description="the base model's name on the server (default: model)")
+    models: dict[Literal["instilled", "itrained_first", "itrained_last", "itrained_all"], str] = Field(
+        default_factory=dict, description="served names of fine-tuned models made by another trainer")
+    api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                             description="the environment variable that holds the API key")
+    concurrency: int = Field(8, ge=1, le=256, description="requests in flight at once")
+    max_retries: int = Field(6, ge=0, description="retries of a request on 429, 5xx, timeouts")
+    timeout: float = Field(120.0, gt=0, description="seconds per request")
+    backoff: float = Field(1.0, ge=0, description="first retry delay in seconds (doubles per retry)")
+    choice_method: Literal["logprobs", "sample", "greedy"] = Field(
+        "logprobs", description="P(A) from top-20 logprobs, from n samples at temperature 1, or one greedy answer (the paper)")
+    n_samples: int = Field(20, ge=1, description="samples per choice when choice_method = 'sample'")
+    response_format: Literal["none", "json_object"] = Field("none", description="response_format of free reports")
+    n_epochs: Optional[int | Literal["auto"]] = Field(
+        None, description="fine-tuning epochs (None: instill.epochs / introspection.epochs; 'auto': the API's choice)")
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+    suffix: Optional[str] = Field(None, max_length=40, description="prefix of the fine-tuned models' suffixes (default: the run name)")
+    poll_interval: float = Field(30.0, ge=0, description="seconds between polls of a fine-tuning job (grows 1.5x)")
+    max_poll_interval: float = Field(300.0, ge=0)
+    prices: dict[str, OpenAIPrice] = Field(default_factory=dict, description="override or extend the price table")
+
+    # Settings that cannot change a result (how to talk to the server): left out of stage keys.
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("api_key_env", "concurrency", "max_retries", "timeout", "backoff", "poll_interval",
+                   "max_poll_interval", "prices")
+
+
 class Gate(Strict):
     """Thresholds instillation must reach before the run spends time on reports."""
 
@@ -72,7 +114,9 @@ class Gate(Strict):
 class RunConfig(Strict):
     name: str = Field("run", min_length=1)
     preset: Optional[str] = None
-    backend: Literal["hf", "simulated"] = "hf"
+    backend: Literal["hf", "simulated", "openai"] = Field("hf", description="the inference engine")
+    trainer: Optional[Literal["hf", "simulated", "openai", "external"]] = Field(
+        None, description="who fine-tunes (default: the backend); 'external': models named in openai.models")
     model: str = Field("smollm2-135m", min_length=1,
                        description="registry name, local HF directory or hub id (ignored by 'simulated')")
     model_label: Optional[str] = Field(None, description="name used in output file names (default: derived from model)")
@@ -97,12 +141,27 @@ class RunConfig(Strict):
     introspection: TrainSettings = TrainSettings(epochs=2)
     simulated: SimulatedSettings = SimulatedSettings()
     gate: Gate = Gate()
+    openai: OpenAISettings = OpenAISettings()
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
+        trainer = self.trainer_name
+        allowed = {"hf": ("hf",), "simulated": ("simulated",), "openai": ("openai", "hf", "external")}[self.backend]
+        if trainer not in allowed:
+            raise ValueError(f"trainer {trainer!r} cannot serve backend {self.backend!r} (use {' or '.join(allowed)})")
+        if self.backend == "openai" and trainer != "openai":
+            needed = ["instilled", "itrained_first", "itrained_last"] + (["itrained_all"] if self.n_native else [])
+            missing = [n for n in needed if n not in self.openai.models]
+            if missing:
+                raise ValueError(f"openai.models: with trainer {trainer!r} the server's names of the fine-tuned "
+                                 f"models are needed; missing {', '.join(missing)}")
         if self.backend == "simulated" and self.report_mode == "constrained":
             raise ValueError("report_mode 'constrained' needs a model backend; the simulated one reports freely")
         return self
+
+    @property
+    def trainer_name(self) -> str:
+        return self.trainer or self.backend
 
     @property
     def label(self) -> str:
@@ -120,6 +179,14 @@ class RunConfig(Strict):
         for n in ("instill", "introspection"):
             if n in out:
                 out[n].pop("checkpoint_every", None)
+        if "openai" in out:  # only what changes results; and nothing at all for runs that do not use it
+            if self.backend != "openai" and self.trainer_name != "openai":
+                out.pop("openai")
+            else:
+                for k in OpenAISettings.OPERATIONAL:
+                    out["openai"].pop(k, None)
+        if out.get("trainer", 0) is None:
+            out.pop("trainer")  # runs that predate the field keep their stage keys
         return out
 
 
