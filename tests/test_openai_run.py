@@ -1,0 +1,120 @@
+"""A whole run through the openai backend and trainer, against a programmatic fake OpenAI server
+on 127.0.0.1 (tests/openai_fake.py: synthetic answers, not a model), and the --dry-run plan.
+
+The security test: a fake API key set in the environment must reach the server (as the bearer
+token) and must appear in no file of the run directory, nor in what the run prints."""
+
+import io
+import json
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+pytest.importorskip("openai")
+
+from openai_fake import FakeOpenAI  # noqa: E402
+
+from selfinterp import config  # noqa: E402
+from selfinterp.cli import app  # noqa: E402
+from selfinterp.run import Run  # noqa: E402
+
+KEY = "sk-proj-FAKE-do-not-leak-7d1c0ffee5a1ad"
+
+
+def api_config(base_url, **over):
+    return config.build("smoke", overrides={
+        "backend": "openai", "model": "gpt-4o-mini-2024-07-18", "n_instilled": 4, "n_native": 2,
+        "openai": {"base_url": base_url, "api_key_env": "SI_FAKE_KEY", "poll_interval": 0, "concurrency": 4}, **over})
+
+
+def test_whole_run_through_the_api_and_the_key_never_lands_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("SI_FAKE_KEY", KEY)
+    out = io.StringIO()
+    with FakeOpenAI(api_key=KEY) as srv:
+        cfg = api_config(srv.base_url)
+        res = Run(cfg, tmp_path, progress=False, console=Console(file=out, width=200)).execute()
+        assert srv.bad_auth == 0
+        # 4 jobs (instill, 3 introspection), each on its own uploaded file(s)
+        assert len(srv.jobs) == 4 and len(srv.files) == 5
+        n_requests = len(srv.requests)
+        # the introspection jobs start from the instilled job's fine-tuned model
+        instilled = json.loads((tmp_path / "models/instilled/manifest.json").read_text())
+        assert instilled["trained_tokens"] == 1234 and instilled["fine_tuned_model"].startswith("ft:gpt-4o-mini")
+        assert {j["model"] for j in srv.jobs.values()} == {"gpt-4o-mini-2024-07-18", instilled["fine_tuned_model"]}
+        # a second run re-uses everything: no request at all
+        Run(cfg, tmp_path, progress=False, console=Console(file=io.StringIO())).execute()
+        assert len(srv.requests) == n_requests
+    assert "instilled_reports" in res["models"]["gpt-4o-mini-2024-07-18"]
+    # every response was recorded as it arrived
+    calls = [json.loads(line) for p in (tmp_path / "raw" / "api").glob("*.jsonl") for line in p.read_text().splitlines()]
+    n_chat = sum(1 for r in srv.requests if r["path"] == "/v1/chat/completions")
+    assert len(calls) == n_chat > 0
+    # the key: nowhere in the run directory (any file, binary or text), nor in the console output
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 20
+    for p in files:
+        data = p.read_bytes()
+        assert KEY.encode() not in data and b"do-not-leak" not in data, p
+    assert KEY not in out.getvalue() and "do-not-leak" not in out.getvalue()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["openai"]["api_key_env"] == "SI_FAKE_KEY"
+
+
+def test_external_trainer_uses_the_served_names(tmp_path, monkeypatch):
+    monkeypatch.delenv("SI_FAKE_KEY", raising=False)  # a local server needs no key
+    names = {"instilled": "m-inst", "itrained_first": "m-first", "itrained_last": "m-last", "itrained_all": "m-all"}
+    with FakeOpenAI() as srv:
+        cfg = api_config(srv.base_url, trainer="external", openai={"base_url": srv.base_url, "models": names,
+                                                                   "api_key_env": "SI_FAKE_KEY"})
+        Run(cfg, tmp_path, progress=False, console=Console(file=io.StringIO())).execute()
+        used = {json.loads(r["body"])["model"] for r in srv.requests}
+    assert not srv.jobs and not srv.files
+    assert used == {"gpt-4o-mini-2024-07-18", *names.values()}
+
+
+def test_dry_run_prints_calls_tokens_and_cost():
+    res = CliRunner().invoke(app, ["run", "--preset", "paper", "--backend", "openai", "--model",
+                                   "gpt-4o-mini-2024-07-18", "--dry-run"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    text = res.output
+    assert "20,000" in text and "15,000" in text  # choices + reports; training examples
+    assert "train tok." in text and "USD" in text and "gpt-4o-mini-2024-07-18" in text
+    total = [line for line in text.splitlines() if "total" in line][0]
+    cost = float(total.split("│")[-2].strip().replace(",", ""))
+    assert 5 < cost < 100  # ~8M trained tokens at $3/M dominate
+
+
+def test_price_override_and_unknown_model(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('preset = "paper"\nbackend = "openai"\nmodel = "my-model"\n[openai.prices.my-model]\ninput = 1\n'
+                 'output = 2\ntraining = 0\n')
+    res = CliRunner().invoke(app, ["run", str(f), "--dry-run"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    total = [line for line in res.output.splitlines() if "total" in line][0]
+    assert float(total.split("│")[-2].strip().replace(",", "")) > 3  # ~3.7M input tokens at $1/M
+    res = CliRunner().invoke(app, ["run", "--preset", "paper", "--backend", "openai", "--model", "nope", "--dry-run"],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "no price for 'nope'" in res.output
+
+
+def test_config_errors_name_the_openai_fields(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text('backend = "openai"\ntrainer = "external"\n[openai]\nconcurrency = 0\nchoice_method = "x"\n')
+    res = CliRunner().invoke(app, ["run", str(f), "--dry-run"])
+    assert res.exit_code == 1
+    assert "openai.concurrency" in res.output and "openai.choice_method" in res.output
+    f.write_text('backend = "openai"\ntrainer = "external"\n')
+    res = CliRunner().invoke(app, ["run", str(f), "--dry-run"])
+    assert res.exit_code == 1 and "openai.models" in res.output and "itrained_first" in res.output
+    res = CliRunner().invoke(app, ["run", "--preset", "smoke", "--backend", "hf", "--trainer", "openai", "--dry-run"])
+    assert res.exit_code == 1 and "trainer 'openai' cannot serve backend 'hf'" in res.output
+
+
+def test_runs_without_openai_settings_keep_their_stage_keys():
+    a = config.build("cpu")
+    assert set(a.hash_fields("backend", "model", "trainer", "openai")) == {"backend", "model"}
+    b = config.build("smoke", overrides={"backend": "openai", "openai": {"concurrency": 3, "timeout": 5}})
+    c = config.build("smoke", overrides={"backend": "openai"})
+    d = config.build("smoke", overrides={"backend": "openai", "openai": {"choice_method": "greedy"}})
+    assert b.hash_fields("openai") == c.hash_fields("openai") != d.hash_fields("openai")
