@@ -567,11 +567,9 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
 
     bar = None
     if progress and main:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                       TimeRemainingColumn(), transient=False)
+        from .progress import bar as progress_bar
+
+        bar = progress_bar(info=True)  # a live bar on a terminal, periodic lines in a log file
         bar.start()
     bar_cache = None
     if bar is not None:

@@ -267,12 +267,9 @@ class Run:
     # -- measuring
 
     def _bar(self, title: str, total: int):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from .progress import bar
 
-        return Progress(TextColumn(f"  {title}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("eta"), TimeRemainingColumn(), console=self.console, disable=not self.progress,
-                        transient=False)
+        return bar(f"  {title}", console=self.console, disable=not self.progress)
 
     def _call_in_batches(self, which: str, title: str, items: Sequence[tuple], journal: Journal,
                          call: Callable[[Any, Sequence[tuple], int], list[dict]]) -> None:
