@@ -211,3 +211,24 @@ def test_prices_and_public_urls():
     assert price_for("gpt-4o-mini") == price_for("gpt-4o-mini-2024-07-18")  # alias -> newest priced snapshot
     assert price_for("my-model") is None and price_for("my-model", {"my-model": {"input": 1, "output": 2}})["output"] == 2
     assert public_url("http://user:pw@127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+
+
+def test_key_from_the_keyring_when_the_variable_is_unset(monkeypatch):
+    import sys
+    import types
+
+    from selfinterp.backends.openai_api import read_api_key
+
+    monkeypatch.delenv("SI_KR_KEY", raising=False)
+    fake = types.SimpleNamespace(get_password=lambda service, user: KEY if (service, user) == ("selfinterp", "SI_KR_KEY") else None)
+    monkeypatch.setitem(sys.modules, "keyring", fake)
+    assert read_api_key("SI_KR_KEY", "https://api.openai.com/v1") == KEY
+    monkeypatch.setenv("SI_KR_KEY", "sk-from-env-123")
+    assert read_api_key("SI_KR_KEY", "https://api.openai.com/v1") == "sk-from-env-123"
+
+
+def test_credentials_in_the_base_url_are_refused():
+    from selfinterp import config
+
+    with pytest.raises(config.ConfigError, match="openai.base_url must not carry credentials"):
+        config.build("smoke", overrides={"backend": "openai", "openai": {"base_url": "https://u:sk-x@host/v1"}})

@@ -98,6 +98,16 @@ class OpenAISettings(Strict):
     max_poll_interval: float = Field(300.0, ge=0)
     prices: dict[str, OpenAIPrice] = Field(default_factory=dict, description="override or extend the price table")
 
+    @model_validator(mode="after")
+    def _no_credentials_in_url(self) -> "OpenAISettings":
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.base_url)
+        if parts.username or parts.password or "key=" in parts.query.lower():
+            raise ValueError("openai.base_url must not carry credentials (they would be saved with the run); "
+                             "put the key in the environment variable named by openai.api_key_env")
+        return self
+
     # Settings that cannot change a result (how to talk to the server): left out of stage keys.
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("api_key_env", "concurrency", "max_retries", "timeout", "backoff", "poll_interval",
                    "max_poll_interval", "prices")

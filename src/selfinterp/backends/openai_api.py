@@ -25,7 +25,7 @@ result (fine-tuned model name, trained tokens) goes into ``out_dir/manifest.json
 Every request runs with bounded concurrency (threads) and is retried with exponential backoff on
 429, 5xx, timeouts and connection errors, honouring ``Retry-After``. Errors are shown with their
 HTTP status, code and message. The API key is read from the environment variable named by
-``api_key_env`` and nowhere else; it is never stored on disk, and every message this module
+``api_key_env`` (or the system keyring) and nowhere else; it is never stored on disk, and every message this module
 produces has it (and anything shaped like an API key) redacted.
 
 The ``openai`` package is imported only when a backend is made (``pip install 'selfinterp[openai]'``);
@@ -103,15 +103,30 @@ def public_url(url: str) -> str:
     return url
 
 
+KEYRING_SERVICE = "selfinterp"
+
+
 def read_api_key(api_key_env: str | None, base_url: str) -> str:
-    """The API key from the environment. Local servers (any base_url other than OpenAI's) may
-    need none; then a placeholder is sent."""
+    """The API key from the environment variable ``api_key_env``; failing that, from the system
+    keyring (service "selfinterp", user = the variable's name) when the ``keyring`` package is
+    installed. Local servers (any base_url other than OpenAI's) may need none; then a
+    placeholder is sent."""
     value = os.environ.get(api_key_env, "") if api_key_env else ""
     if value:
         return value
+    if api_key_env:
+        try:
+            import keyring
+
+            value = keyring.get_password(KEYRING_SERVICE, api_key_env) or ""
+        except Exception:  # noqa: BLE001 - no keyring package, or no usable keyring backend
+            value = ""
+        if value:
+            return value
     if public_url(base_url).rstrip("/") == OFFICIAL_BASE_URL:
         raise OpenAIAPIError(f"no API key: set the environment variable {api_key_env or 'OPENAI_API_KEY'} "
-                             "(openai.api_key_env names the variable; the key is never read from a file)")
+                             "(openai.api_key_env names the variable; the key is never read from a file), or store "
+                             f"it with: keyring set {KEYRING_SERVICE} {api_key_env or 'OPENAI_API_KEY'}")
     return "no-key"
 
 
