@@ -232,3 +232,10 @@ def test_credentials_in_the_base_url_are_refused():
 
     with pytest.raises(config.ConfigError, match="openai.base_url must not carry credentials"):
         config.build("smoke", overrides={"backend": "openai", "openai": {"base_url": "https://u:sk-x@host/v1"}})
+
+
+def test_sampling_on_a_server_that_ignores_n_asks_one_by_one(key):
+    with ReplayServer(load_exchanges("chat.json", "sample_n_ignored")) as srv:
+        probs = backend(srv, choice_method="sample", n_samples=3).choice_probs([CHAT])
+    assert srv.mismatches == [] and srv.exchanges == []
+    assert probs.p_a[0] == pytest.approx(1 / 3) and probs.mass[0] == 1.0

@@ -326,8 +326,15 @@ class OpenAIBackend:
         else:
             calls = [self._chat("choice", c, max_tokens=1, temperature=0) for c in chats]
         responses = self.caller.map("chat completion (choice)", calls)
+        answers_of = [[(c.message.content or "").strip()[:1] for c in r.choices] for r in responses]
+        if self.choice_method == "sample":
+            # servers that ignore `n` (llama.cpp's, some providers) return one choice: ask again, one by one
+            extra = [(i, self._chat("choice", chats[i], max_tokens=1, temperature=1))
+                     for i, a in enumerate(answers_of) for _ in range(self.n_samples - len(a))]
+            for (i, _), r in zip(extra, self.caller.map("chat completion (choice)", [f for _, f in extra])):
+                answers_of[i].append((r.choices[0].message.content or "").strip()[:1])
         p_a, mass = [], []
-        for r in responses:
+        for r, answers in zip(responses, answers_of):
             if self.choice_method == "logprobs":
                 lp = r.choices[0].logprobs
                 content = getattr(lp, "content", None) if lp is not None else None
@@ -339,7 +346,6 @@ class OpenAIBackend:
                 p_a.append(pa / total if total > 0 else 0.5)
                 mass.append(total)
             else:
-                answers = [(c.message.content or "").strip()[:1] for c in r.choices]
                 na, nb = answers.count("A"), answers.count("B")
                 p_a.append(na / (na + nb) if na + nb else 0.5)
                 mass.append((na + nb) / max(1, len(answers)))
