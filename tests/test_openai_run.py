@@ -118,3 +118,24 @@ def test_runs_without_openai_settings_keep_their_stage_keys():
     c = config.build("smoke", overrides={"backend": "openai"})
     d = config.build("smoke", overrides={"backend": "openai", "openai": {"choice_method": "greedy"}})
     assert b.hash_fields("openai") == c.hash_fields("openai") != d.hash_fields("openai")
+
+
+def test_local_trainer_with_an_openai_compatible_inference_engine(tmp_path, tiny_model_dir, monkeypatch):
+    """trainer = "hf" trains here (peft); the server answers for the models under the served names
+    (as vLLM would with --lora-modules). The fake server stands in for that server."""
+    pytest.importorskip("torch")
+    monkeypatch.delenv("SI_FAKE_KEY", raising=False)
+    names = {"instilled": "lora-inst", "itrained_first": "lora-first", "itrained_last": "lora-last",
+             "itrained_all": "lora-all"}
+    train = dict(method="lora", layers=1, cache_lower_layers=True, lr=1e-3, epochs=1, batch_size=8)
+    with FakeOpenAI() as srv:
+        cfg = config.build("smoke", overrides=dict(
+            backend="openai", trainer="hf", model=str(tiny_model_dir), model_label="tiny", n_instilled=4, n_native=2,
+            n_train=4, n_val=2, n_eval_trials=6, n_native_trials=6, n_reports=2, n_introspection=2, batch_size=8,
+            instill=train, introspection=train,
+            openai={"base_url": srv.base_url, "model": "base-served", "models": names, "api_key_env": "SI_FAKE_KEY"}))
+        Run(cfg, tmp_path, progress=False, console=Console(file=io.StringIO())).execute()
+        used = {json.loads(r["body"])["model"] for r in srv.requests}
+    assert used == {"base-served", *names.values()} and not srv.jobs
+    assert (tmp_path / "models" / "instilled" / "adapter").is_dir()  # trained locally
+    assert json.loads((tmp_path / "models" / "itrained_all" / "manifest.json").read_text())["method"] == "lora"
