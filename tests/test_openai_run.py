@@ -139,3 +139,12 @@ def test_local_trainer_with_an_openai_compatible_inference_engine(tmp_path, tiny
     assert used == {"base-served", *names.values()} and not srv.jobs
     assert (tmp_path / "models" / "instilled" / "adapter").is_dir()  # trained locally
     assert json.loads((tmp_path / "models" / "itrained_all" / "manifest.json").read_text())["method"] == "lora"
+
+
+def test_missing_key_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("SI_UNSET_KEY", raising=False)
+    f = tmp_path / "run.toml"
+    f.write_text('preset = "smoke"\nbackend = "openai"\nmodel = "gpt-4o-mini"\n[openai]\napi_key_env = "SI_UNSET_KEY"\n')
+    res = CliRunner().invoke(app, ["run", str(f), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1, res.output
+    assert "no API key: set the environment variable SI_UNSET_KEY" in res.output and "Traceback" not in res.output

@@ -255,6 +255,7 @@ def run_cmd(
     if dry_run:
         print_plan(cfg, out)
         return
+    from .backends.openai_api import OpenAIAPIError
     from .models import ModelError
     from .run import GateFailed, Run
     from .scenarios import ScenarioError
@@ -263,7 +264,7 @@ def run_cmd(
               f"in {out.resolve()}")
     try:
         results = Run(cfg, out, force=force, console=err).execute()
-    except (GateFailed, ModelError, ScenarioError) as e:
+    except (GateFailed, ModelError, ScenarioError, OpenAIAPIError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted: finished work is kept in {out}; run the same command again to resume[/]")
