@@ -45,6 +45,14 @@ def test_whole_run_through_the_api_and_the_key_never_lands_on_disk(tmp_path, mon
         # a second run re-uses everything: no request at all
         Run(cfg, tmp_path, progress=False, console=Console(file=io.StringIO())).execute()
         assert len(srv.requests) == n_requests
+        # a crash after the responses arrived but before the results were journaled: nothing is asked again
+        for p in (tmp_path / "journal").glob("*.jsonl"):
+            p.unlink()
+        for p in (tmp_path / "stages").glob("*.json"):
+            if p.stem not in ("design", "instill", "itrain_first", "itrain_last", "itrain_all"):
+                p.unlink()
+        res2 = Run(cfg, tmp_path, progress=False, console=Console(file=io.StringIO())).execute()
+        assert len(srv.requests) == n_requests and res2 == res
     assert "instilled_reports" in res["models"]["gpt-4o-mini-2024-07-18"]
     # every response was recorded as it arrived
     calls = [json.loads(line) for p in (tmp_path / "raw" / "api").glob("*.jsonl") for line in p.read_text().splitlines()]

@@ -22,6 +22,10 @@ backoff and records every id in ``out_dir/openai_job.json`` as soon as it exists
 restarted run re-attaches to its files and job instead of uploading or training again; the
 result (fine-tuned model name, trained tokens) goes into ``out_dir/manifest.json``.
 
+With a ``record_path``, every response is appended to it (fsync'd) as it arrives, and a backend
+made again on the same file answers the requests it holds from it: calls answered before a
+crash are not sent (nor paid for) again.
+
 Every request runs with bounded concurrency (threads) and is retried with exponential backoff on
 429, 5xx, timeouts and connection errors, honouring ``Retry-After``. Errors are shown with their
 HTTP status, code and message. The API key is read from the environment variable named by
@@ -280,6 +284,8 @@ class OpenAIBackend:
         self.log = log or (lambda s: None)
         self.record_path = Path(record_path) if record_path else None
         self._record_lock = threading.Lock()
+        self._recorded = self._read_records()
+        self.n_replayed = 0
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
         self.info = {"backend": "openai", "model": model, "base_url": public_url(base_url),
                      "choice_method": choice_method, "n_samples": n_samples if choice_method == "sample" else None,
@@ -287,7 +293,21 @@ class OpenAIBackend:
 
     # -- bookkeeping
 
-    def _record(self, kind: str, request: Mapping[str, Any], response: Any) -> None:
+    def _read_records(self) -> dict[str, Any]:
+        """Responses already paid for (the record file of an interrupted stage), by request hash;
+        a line cut off by a crash is ignored."""
+        out: dict[str, Any] = {}
+        if self.record_path is None or not self.record_path.exists():
+            return out
+        for line in self.record_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+                out[rec["request_hash"]] = rec["response"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        return out
+
+    def _record(self, kind: str, request: Mapping[str, Any], response: Any, request_hash: str = "") -> None:
         """Count usage; append the response (never the key or headers) to the record file at once."""
         usage = getattr(response, "usage", None)
         with self._record_lock:
@@ -299,19 +319,28 @@ class OpenAIBackend:
                 return
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
             body = response.model_dump(mode="json") if hasattr(response, "model_dump") else response
-            line = json.dumps({"kind": kind, "time": time.time(), "request": dict(request), "response": body},
-                              ensure_ascii=False)
+            line = json.dumps({"kind": kind, "time": time.time(), "request_hash": request_hash, "request": dict(request),
+                               "response": body}, ensure_ascii=False)
             with open(self.record_path, "a", encoding="utf-8") as f:
                 f.write(redact(line, self._secrets) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
 
     def _chat(self, kind: str, chat: Messages, **params: Any) -> Any:
+        from ..journal import sha256_json
+
         request = {"model": self.model, "messages": chat, **params}
+        key = sha256_json({"base_url": public_url(self.base_url), **request})
 
         def go():
+            if key in self._recorded:  # answered before a crash: not asked (nor paid for) again
+                from openai.types.chat import ChatCompletion
+
+                with self._record_lock:
+                    self.n_replayed += 1
+                return ChatCompletion.model_validate(self._recorded[key])
             response = self.client.chat.completions.create(**request)
-            self._record(kind, {k: v for k, v in request.items() if k != "messages"}, response)
+            self._record(kind, {k: v for k, v in request.items() if k != "messages"}, response, key)
             return response
 
         return go
