@@ -239,3 +239,19 @@ def test_sampling_on_a_server_that_ignores_n_asks_one_by_one(key):
         probs = backend(srv, choice_method="sample", n_samples=3).choice_probs([CHAT])
     assert srv.mismatches == [] and srv.exchanges == []
     assert probs.p_a[0] == pytest.approx(1 / 3) and probs.mass[0] == 1.0
+
+
+def test_retry_after_forms():
+    import email.utils
+    import time
+    import types
+
+    from selfinterp.backends.openai_api import _retry_after
+
+    def exc(headers):
+        return types.SimpleNamespace(response=types.SimpleNamespace(headers=headers))
+
+    assert _retry_after(exc({"retry-after": "7"})) == 7.0
+    assert _retry_after(exc({"retry-after-ms": "250", "retry-after": "7"})) == 0.25
+    assert 25 < _retry_after(exc({"retry-after": email.utils.formatdate(time.time() + 30, usegmt=True)})) <= 30
+    assert _retry_after(exc({"retry-after": "soon"})) is None and _retry_after(exc({})) is None

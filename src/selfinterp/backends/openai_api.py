@@ -155,8 +155,10 @@ def _retry_after(exc: Any) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, when.timestamp() - time.time()) if when else None
+        try:  # an HTTP date
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
 
 
 def describe_error(exc: BaseException, secrets: Sequence[str] = ()) -> str:
