@@ -45,9 +45,10 @@ class _Server:
                 with owner.lock:
                     owner.requests.append(req)
                 status, headers, payload = owner.respond(req)
-                data = json.dumps(payload).encode()
+                raw = isinstance(payload, str)  # a file's content, as is
+                data = payload.encode() if raw else json.dumps(payload).encode()
                 self.send_response(status)
-                self.send_header("content-type", "application/json")
+                self.send_header("content-type", "application/octet-stream" if raw else "application/json")
                 self.send_header("content-length", str(len(data)))
                 for k, v in headers.items():
                     self.send_header(k, str(v))
@@ -108,7 +109,7 @@ class ReplayServer(_Server):
             self.mismatches.extend(problems)
             return 418, {}, {"error": {"message": "; ".join(problems), "code": "replay_mismatch"}}
         r = ex["response"]
-        return r["status"], r.get("headers", {}), r["body"]
+        return r["status"], r.get("headers", {}), r["text"] if "text" in r else r["body"]
 
 
 def _h(*parts: Any) -> int:

@@ -62,6 +62,9 @@ def test_upload_create_poll_succeed(tmp_path, key):
     m = json.loads((tmp_path / "model" / "manifest.json").read_text())
     assert m["job_id"] == "ftjob-abc1" and m["trained_tokens"] == 152340
     assert m["training_file"] == "file-train1" and m["validation_file"] == "file-val1"
+    # the job's metrics file is kept, its last losses in the manifest
+    assert m["final_train_loss"] == 0.48 and m["final_valid_loss"] == 0.55 and m["steps"] == 3
+    assert (tmp_path / "model" / "openai_results_file-result1.csv").read_text().startswith("step,train_loss")
     state = json.loads((tmp_path / "model" / "openai_job.json").read_text())
     assert state["job"]["status"] == "succeeded" and state["files"]["training_file"]["id"] == "file-train1"
     # polls back off (5, 7.5) and the 503's Retry-After (2 s) is honoured
@@ -84,7 +87,7 @@ def test_failed_job_shows_code_and_message_and_a_rerun_starts_a_new_job_without_
     with ReplayServer(load_exchanges("finetune_lifecycle.json", "retry_after_failure")) as srv:
         ref = finetune(backend(srv), tmp_path)
     assert srv.mismatches == [] and [r["path"] for r in srv.requests] == [
-        "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/ftjob-abc1"]  # no upload: files re-used
+        "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/ftjob-abc1", "/v1/files/file-result1/content"]  # no upload
     assert ref.metadata["trained_tokens"] == 152340
 
 
@@ -106,7 +109,7 @@ def test_restart_reattaches_to_the_recorded_job(tmp_path, key):
     with ReplayServer(load_exchanges("finetune_lifecycle.json", "after_restart")) as srv:
         ref = finetune(backend(srv), tmp_path)
     assert srv.mismatches == [] and srv.exchanges == []
-    assert {r["path"] for r in srv.requests} == {"/v1/fine_tuning/jobs/ftjob-abc1"}
+    assert {r["path"] for r in srv.requests} == {"/v1/fine_tuning/jobs/ftjob-abc1", "/v1/files/file-result1/content"}
     assert ref.adapter.startswith("ft:gpt-4o-mini")
 
 
@@ -115,9 +118,9 @@ def test_changed_dataset_is_uploaded_again_and_gets_a_new_job(tmp_path, key):
         finetune(backend(srv), tmp_path)
     (tmp_path / "instill_train.jsonl").write_text("changed\n")
     b_ex = load_exchanges("finetune_lifecycle.json", "succeed")
-    upload, create, done = b_ex[0], b_ex[2], b_ex[-1]
+    upload, create, done, download = b_ex[0], b_ex[2], b_ex[-2], b_ex[-1]
     upload["response"]["body"]["id"] = create["request"]["json"]["training_file"] = "file-train2"
-    with ReplayServer([upload, create, done]) as srv:  # train re-uploaded; val re-used; new job
+    with ReplayServer([upload, create, done, download]) as srv:  # train re-uploaded; val re-used; new job
         b = backend(srv)
         b.finetune(tmp_path / "instill_train.jsonl", tmp_path / "instill_val.jsonl", out_dir=tmp_path / "model",
                    seed=7, suffix="t-instilled", hyperparameters={"n_epochs": 3})

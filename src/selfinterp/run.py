@@ -256,7 +256,8 @@ class Run:
                              "learning_rate_multiplier": o.learning_rate_multiplier})
         m = ref.metadata
         return {"model": str(out.relative_to(self.root)), "fine_tuned_model": m["fine_tuned_model"],
-                "job_id": m["job_id"], "trained_tokens": m["trained_tokens"]} | self._register_model(out)
+                "job_id": m["job_id"], "trained_tokens": m["trained_tokens"], "steps": m.get("steps"),
+                "final_loss": m.get("final_train_loss"), "val_loss": m.get("final_valid_loss")} | self._register_model(out)
 
     def _register_model(self, out: Path) -> dict:
         for name in ("manifest.json", "simulated.json"):

@@ -491,16 +491,53 @@ class FineTuneJob:
         else:
             self.b.log(f"re-attaching to fine-tuning job {job['id']} ({job.get('status')})")
         done = self.poll(state)
+        metrics = self.save_results(list(getattr(done, "result_files", None) or []))
         manifest = {"trainer": "openai", "base_model": self.b.model, "fine_tuned_model": done.fine_tuned_model,
                     "job_id": done.id, "training_file": request["training_file"],
                     "validation_file": request.get("validation_file"), "seed": getattr(done, "seed", seed),
                     "trained_tokens": done.trained_tokens, "hyperparameters": _dump(getattr(done, "hyperparameters", None)),
                     "method": _dump(getattr(done, "method", None)), "status": done.status,
                     "created_at": getattr(done, "created_at", None), "finished_at": getattr(done, "finished_at", None),
-                    "result_files": list(getattr(done, "result_files", None) or []),
+                    "result_files": list(getattr(done, "result_files", None) or []), **metrics,
                     "base_url": public_url(self.b.base_url)}
         _save(self.out / MANIFEST, manifest)
         return ModelRef(base=self.b.model, adapter=done.fine_tuned_model, metadata=manifest)
+
+    def save_results(self, file_ids: list[str]) -> dict:
+        """Download the job's result files (the API's per-step metrics CSV) next to the manifest;
+        best effort: a failure is logged, not fatal (the model is trained either way)."""
+        import csv
+        import io
+
+        saved, last = [], {}
+        for fid in file_ids:
+            try:
+                data = self.b.caller.call(f"download result file {fid}", lambda: self.b.client.files.content(fid)).read()
+            except OpenAIAPIError as e:
+                self.b.log(f"could not download the job's result file: {e}")
+                continue
+            from ..journal import atomic_write_text
+
+            text = data.decode("utf-8", "replace")
+            atomic_write_text(self.out / f"openai_results_{fid}.csv", text)
+            saved.append(f"openai_results_{fid}.csv")
+            for row in csv.DictReader(io.StringIO(text)):
+                for k in ("train_loss", "valid_loss", "full_valid_loss"):
+                    try:
+                        if row.get(k) not in (None, ""):
+                            last[k] = float(row[k])
+                    except ValueError:
+                        pass
+                if row.get("step"):
+                    last["steps"] = row["step"]
+        out: dict[str, Any] = {"result_files_saved": saved}
+        if "train_loss" in last:
+            out["final_train_loss"] = last["train_loss"]
+        if "valid_loss" in last or "full_valid_loss" in last:
+            out["final_valid_loss"] = last.get("full_valid_loss", last.get("valid_loss"))
+        if "steps" in last:
+            out["steps"] = int(float(last["steps"]))
+        return out
 
     def poll(self, state: dict) -> Any:
         job = state["job"]
