@@ -328,11 +328,13 @@ class OpenAIBackend:
                 f.flush()
                 os.fsync(f.fileno())
 
-    def _chat(self, kind: str, chat: Messages, **params: Any) -> Any:
+    def _chat(self, kind: str, chat: Messages, _draw: int = 0, **params: Any) -> Any:
+        """A call (to run later) of one chat completion; ``_draw`` tells apart repeated identical
+        requests (samples), so that each is recorded and replayed as its own."""
         from ..journal import sha256_json
 
         request = {"model": self.model, "messages": chat, **params}
-        key = sha256_json({"base_url": public_url(self.base_url), **request})
+        key = sha256_json({"base_url": public_url(self.base_url), **request, **({"_draw": _draw} if _draw else {})})
 
         def go():
             if key in self._recorded:  # answered before a crash: not asked (nor paid for) again
@@ -360,8 +362,8 @@ class OpenAIBackend:
         answers_of = [[(c.message.content or "").strip()[:1] for c in r.choices] for r in responses]
         if self.choice_method == "sample":
             # servers that ignore `n` (llama.cpp's, some providers) return one choice: ask again, one by one
-            extra = [(i, self._chat("choice", chats[i], max_tokens=1, temperature=1))
-                     for i, a in enumerate(answers_of) for _ in range(self.n_samples - len(a))]
+            extra = [(i, self._chat("choice", chats[i], d + 1, max_tokens=1, temperature=1))
+                     for i, a in enumerate(answers_of) for d in range(self.n_samples - len(a))]
             for (i, _), r in zip(extra, self.caller.map("chat completion (choice)", [f for _, f in extra])):
                 answers_of[i].append((r.choices[0].message.content or "").strip()[:1])
         p_a, mass = [], []
