@@ -120,9 +120,11 @@ class FakeOpenAI(_Server):
     """A programmatic OpenAI-compatible server: files, jobs (succeed at the first poll) and chat
     completions (P(A) a deterministic function of the prompt; reports fill the JSON schema)."""
 
-    def __init__(self, api_key: str | None = None):
+    def __init__(self, api_key: str | None = None, delay: float = 0.0):
         super().__init__()
         self.api_key = api_key
+        self.delay = delay  # seconds per chat completion (to observe concurrency)
+        self.in_flight = self.max_in_flight = 0
         self.files: dict[str, dict] = {}
         self.jobs: dict[str, dict] = {}
         self.bad_auth = 0
@@ -156,7 +158,17 @@ class FakeOpenAI(_Server):
                        fine_tuned_model=f"ft:{job['model']}:fake:{job['suffix']}:{job['id']}")
             return 200, {}, job
         if path == "/v1/chat/completions" and method == "POST":
-            return 200, {}, self.chat(json.loads(req["body"]))
+            import time
+
+            with self.lock:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                time.sleep(self.delay)
+                return 200, {}, self.chat(json.loads(req["body"]))
+            finally:
+                with self.lock:
+                    self.in_flight -= 1
         return 404, {}, {"error": {"message": f"no route {method} {path}", "code": "not_found"}}
 
     def chat(self, body: dict) -> dict:

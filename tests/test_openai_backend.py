@@ -258,3 +258,15 @@ def test_retry_after_forms():
     assert _retry_after(exc({"retry-after-ms": "250", "retry-after": "7"})) == 0.25
     assert 25 < _retry_after(exc({"retry-after": email.utils.formatdate(time.time() + 30, usegmt=True)})) <= 30
     assert _retry_after(exc({"retry-after": "soon"})) is None and _retry_after(exc({})) is None
+
+
+def test_concurrency_is_bounded_and_results_keep_their_order(key):
+    from openai_fake import FakeOpenAI
+
+    chats = [[{"role": "user", "content": f"[DECISION TASK] prompt {i}"}] for i in range(12)]
+    with FakeOpenAI(api_key=KEY, delay=0.1) as srv:
+        b = OpenAIBackend("m", base_url=srv.base_url, api_key_env="SI_TEST_KEY", concurrency=3)
+        together = b.choice_probs(chats)
+        one_by_one = [b.choice_probs([c]).p_a[0] for c in chats]
+    assert srv.max_in_flight == 3
+    np.testing.assert_allclose(together.p_a, one_by_one)
