@@ -114,7 +114,7 @@ def test_smoke_inference_stages_through_a_real_server(vllm_server, tmp_path):
             assert st["summary"]["n_parsed"] == st["summary"]["n_reports"] > 0, (name, st["summary"])
     assert "instilled_reports" in res["models"][cfg.label]
     calls = [json.loads(line) for p in (tmp_path / "raw" / "api").glob("*.jsonl") for line in p.read_text().splitlines()]
-    assert len(calls) == v["n_choices"] + cfg.n_native * cfg.n_native_trials + sum(
+    assert len(calls) == v["n_choices"] + states["native_choices"]["summary"]["n_choices"] + sum(
         st["summary"]["n_reports"] for n, st in states.items() if n.startswith("reports_"))
     assert {c["response"]["model"] for c in calls} == {SERVED}
 
