@@ -54,6 +54,19 @@ def test_whole_run_through_the_api_and_the_key_never_lands_on_disk(tmp_path, mon
         res2 = Run(cfg, tmp_path, progress=False, console=Console(file=io.StringIO())).execute()
         assert len(srv.requests) == n_requests and res2 == res
     assert "instilled_reports" in res["models"]["gpt-4o-mini-2024-07-18"]
+    # what the run used, from its own records
+    from selfinterp.backends.openai_api import spent
+
+    used = spent(tmp_path, cfg)
+    assert used["stages"]["instill"]["training_tokens"] == 1234 and used["stages"]["itrain_all"]["training_tokens"] == 1234
+    assert used["stages"]["validate"]["requests"] == cfg.n_instilled * cfg.n_eval_trials
+    assert used["cost"] is None  # no price for a model on a server other than OpenAI's ...
+    priced = config.build("smoke", file=None, overrides={**json.loads((tmp_path / "config.json").read_text()),
+                                                         "openai": {"base_url": cfg.openai.base_url, "prices": {
+                                                             cfg.model: {"input": 1, "output": 2, "training": 3}}}})
+    used = spent(tmp_path, priced)  # ... unless the config gives one
+    tokens = sum(r["input_tokens"] + 2 * r["output_tokens"] + 3 * r["training_tokens"] for r in used["stages"].values())
+    assert used["cost"] == pytest.approx(tokens / 1e6)
     # every response was recorded as it arrived
     calls = [json.loads(line) for p in (tmp_path / "raw" / "api").glob("*.jsonl") for line in p.read_text().splitlines()]
     n_chat = sum(1 for r in srv.requests if r["path"] == "/v1/chat/completions")
@@ -156,3 +169,17 @@ def test_missing_key_is_a_one_line_error(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["run", str(f), "--out", str(tmp_path / "r")])
     assert res.exit_code == 1, res.output
     assert "no API key: set the environment variable SI_UNSET_KEY" in res.output and "Traceback" not in res.output
+
+
+def test_cli_run_prints_what_was_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("SI_FAKE_KEY", KEY)
+    with FakeOpenAI(api_key=KEY) as srv:
+        f = tmp_path / "run.toml"
+        f.write_text(f'preset = "smoke"\nbackend = "openai"\nmodel = "gpt-4o-mini-2024-07-18"\nn_instilled = 4\n'
+                     f'n_native = 0\n[openai]\nbase_url = "{srv.base_url}"\napi_key_env = "SI_FAKE_KEY"\n'
+                     f'poll_interval = 0\n[openai.prices.gpt-4o-mini-2024-07-18]\ninput = 1\noutput = 2\ntraining = 3\n')
+        res = CliRunner().invoke(app, ["run", str(f), "--out", str(tmp_path / "r")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "used on the API (gpt-4o-mini-2024-07-18)" in res.output and KEY not in res.output
+    total = [line for line in res.output.splitlines() if "total" in line][-1]
+    assert float(total.split("│")[-2].strip()) > 0

@@ -270,7 +270,24 @@ def run_cmd(
         err.print(f"[yellow]interrupted: finished work is kept in {out}; run the same command again to resume[/]")
         raise typer.Exit(130)
     print_results(results)
+    if cfg.backend == "openai" or cfg.trainer_name == "openai":
+        print_spent(cfg, out)
     console.print(f"report: {(out / 'report.html').resolve()}")
+
+
+def print_spent(cfg, out: Path) -> None:
+    """Tokens and cost the run used on the API, from its own records."""
+    from .backends.openai_api import spent
+
+    s = spent(out, cfg)
+    t = Table(title=f"used on the API ({s['model']})", title_justify="left")
+    for col in ("stage", "requests", "input tok.", "output tok.", "train tok.", "USD"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, r in s["stages"].items():
+        t.add_row(stage, f"{r['requests']:,}", f"{r['input_tokens']:,}", f"{r['output_tokens']:,}",
+                  f"{r['training_tokens']:,}", "" if r["cost"] is None else f"{r['cost']:,.2f}")
+    t.add_row("[bold]total[/]", "", "", "", "", "n/a" if s["cost"] is None else f"[bold]{s['cost']:,.2f}[/]")
+    console.print(t)
 
 
 def print_plan(cfg, out: Path) -> None:

@@ -666,3 +666,43 @@ def estimate_plan(cfg: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
                  f"{report_out:.0f}); prices in USD per 1M tokens "
                  + (f"for {base_name}: {price}" if price else "unknown") + "; check current prices before spending")
     return {"totals": totals, "notes": notes, "model": base_name, "price": price}
+
+
+def spent(run_dir: str | Path, cfg: Any) -> dict[str, Any]:
+    """What a run has used on the API so far, from its own records: tokens per stage (from the
+    responses in ``raw/api/``), trained tokens (from the jobs' manifests), and their cost at the
+    run's prices (None where there is no price)."""
+    root = Path(run_dir)
+    o = cfg.openai
+    base_name = o.model or cfg.model
+    official = public_url(o.base_url).rstrip("/") == OFFICIAL_BASE_URL
+    overrides = {k: v.model_dump() for k, v in o.prices.items()}
+    price = price_for(base_name, overrides) if (official or base_name in overrides) else None
+    stages: dict[str, dict[str, Any]] = {}
+    for path in sorted((root / "raw" / "api").glob("*.jsonl")):
+        row = stages.setdefault(path.stem, {"requests": 0, "input_tokens": 0, "output_tokens": 0, "training_tokens": 0})
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                usage = json.loads(line)["response"].get("usage") or {}
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                continue
+            row["requests"] += 1
+            row["input_tokens"] += usage.get("prompt_tokens") or 0
+            row["output_tokens"] += usage.get("completion_tokens") or 0
+    for path in sorted((root / "models").glob("*/manifest.json")):
+        m = json.loads(path.read_text())
+        if m.get("trainer") == "openai" and m.get("trained_tokens"):
+            stage = {"instilled": "instill"}.get(path.parent.name, path.parent.name.replace("itrained_", "itrain_"))
+            row = stages.setdefault(stage, {"requests": 0, "input_tokens": 0, "output_tokens": 0, "training_tokens": 0})
+            row["training_tokens"] += m["trained_tokens"]
+    total = 0.0 if price else None
+    for stage, row in stages.items():
+        row["cost"] = None
+        if price:
+            ft = stage != "reports_base"
+            pin = price["ft_input"] if ft and price.get("ft_input") is not None else price["input"]
+            pout = price["ft_output"] if ft and price.get("ft_output") is not None else price["output"]
+            row["cost"] = (row["input_tokens"] * pin + row["output_tokens"] * pout
+                           + row["training_tokens"] * price.get("training", 0.0)) / 1e6
+            total += row["cost"]
+    return {"stages": stages, "cost": total, "model": base_name}
