@@ -113,6 +113,30 @@ class OpenAISettings(Strict):
                    "max_poll_interval", "prices")
 
 
+class VLLMSettings(Strict):
+    """The vLLM engine (``backend = "vllm"``, see :mod:`selfinterp.backends.vllm`); None: chosen by device."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU (like the hf backend), bfloat16 on GPU")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (tensor parallelism)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="pipeline stages (e.g. one per node)")
+    max_model_len: Optional[int] = Field(4096, ge=64, description="context length the KV cache is sized for")
+    enforce_eager: Optional[bool] = Field(None, description="skip graph capture/compilation (default: on CPU)")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    enable_prefix_caching: bool = True
+    adapters: Literal["auto", "lora", "merged"] = Field(
+        "auto", description="LoRA adapters served by LoRARequest or merged first (auto: lora on GPU, merged on CPU)")
+    max_lora_rank: int = Field(64, ge=1)
+    max_num_seqs: Optional[int] = Field(None, ge=1)
+    cpu_kvcache_gb: Optional[float] = Field(None, gt=0, description="KV cache on CPU, GiB (VLLM_CPU_KVCACHE_SPACE)")
+    distributed_executor_backend: Optional[Literal["mp", "ray"]] = None
+
+    # Settings that cannot change a result (how fast, where): left out of stage keys.
+    OPERATIONAL: ClassVar[tuple[str, ...]] = (
+        "tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "enforce_eager", "gpu_memory_utilization",
+        "enable_prefix_caching", "max_lora_rank", "max_num_seqs", "cpu_kvcache_gb", "distributed_executor_backend")
+
+
 class Gate(Strict):
     """Thresholds instillation must reach before the run spends time on reports."""
 
@@ -124,7 +148,7 @@ class Gate(Strict):
 class RunConfig(Strict):
     name: str = Field("run", min_length=1)
     preset: Optional[str] = None
-    backend: Literal["hf", "simulated", "openai"] = Field("hf", description="the inference engine")
+    backend: Literal["hf", "simulated", "openai", "vllm"] = Field("hf", description="the inference engine")
     trainer: Optional[Literal["hf", "simulated", "openai", "external"]] = Field(
         None, description="who fine-tunes (default: the backend); 'external': models named in openai.models")
     model: str = Field("smollm2-135m", min_length=1,
@@ -152,11 +176,13 @@ class RunConfig(Strict):
     simulated: SimulatedSettings = SimulatedSettings()
     gate: Gate = Gate()
     openai: OpenAISettings = OpenAISettings()
+    vllm: VLLMSettings = VLLMSettings()
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
         trainer = self.trainer_name
-        allowed = {"hf": ("hf",), "simulated": ("simulated",), "openai": ("openai", "hf", "external")}[self.backend]
+        allowed = {"hf": ("hf",), "simulated": ("simulated",), "openai": ("openai", "hf", "external"),
+                   "vllm": ("hf",)}[self.backend]
         if trainer not in allowed:
             raise ValueError(f"trainer {trainer!r} cannot serve backend {self.backend!r} (use {' or '.join(allowed)})")
         if self.backend == "openai" and trainer != "openai":
@@ -171,7 +197,7 @@ class RunConfig(Strict):
 
     @property
     def trainer_name(self) -> str:
-        return self.trainer or self.backend
+        return self.trainer or ("hf" if self.backend == "vllm" else self.backend)
 
     @property
     def label(self) -> str:
@@ -195,6 +221,12 @@ class RunConfig(Strict):
             else:
                 for k in OpenAISettings.OPERATIONAL:
                     out["openai"].pop(k, None)
+        if "vllm" in out:  # likewise
+            if self.backend != "vllm":
+                out.pop("vllm")
+            else:
+                for k in VLLMSettings.OPERATIONAL:
+                    out["vllm"].pop(k, None)
         if out.get("trainer", 0) is None:
             out.pop("trainer")  # runs that predate the field keep their stage keys
         return out

@@ -132,7 +132,7 @@ class Run:
     def execute(self) -> dict:
         """Run every stage that is not done; return the results (analysis/results.json)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        if self.cfg.backend == "hf":
+        if self.cfg.backend in ("hf", "vllm"):
             from .models import check_loadable, quiet_transformers
 
             quiet_transformers()
@@ -189,6 +189,12 @@ class Run:
             return SimulatedBackend(self.all_scenarios, cfg.simulated.model_dump(), cfg.seed, ref)
         if cfg.backend == "openai":
             return self.openai_backend(which)
+        if cfg.backend == "vllm":
+            from .backends.vllm import VLLMBackend
+
+            options = {**cfg.vllm.model_dump(), "seed": cfg.seed}
+            adapter = None if which == "base" else str(self.model_dir(which))
+            return VLLMBackend(cfg.model, adapter=adapter, options=options)
         from .backends.hf import HFBackend
 
         if which == "base":
@@ -210,6 +216,10 @@ class Run:
             return {"model": str(out.relative_to(self.root))} | self._register_model(out)
         if self.cfg.trainer_name in ("openai", "external"):
             return self.train_openai(which, base, train_path, val_path, settings)
+        if self.cfg.backend == "vllm":  # training needs the memory the engine holds
+            from .backends.vllm import release
+
+            release()
         from . import finetune as ft
         from . import models
 
@@ -559,7 +569,7 @@ def stage_report(run: Run) -> dict:
 _ALL = ("backend", "model", "seed")
 _DESIGN = ("scenarios", "seed", "n_instilled", "n_native", "n_train", "n_val", "counterbalance", "n_introspection")
 _REPORTS = ("n_reports", "report_mode", "report_max_new_tokens", "report_temperature")
-_MODEL_BACKEND = ("backend", "model", "simulated", "batch_size", "trainer", "openai")
+_MODEL_BACKEND = ("backend", "model", "simulated", "batch_size", "trainer", "openai", "vllm")
 
 STAGES: list[Stage] = [
     Stage("design", "scenarios, weights and fine-tuning datasets", (), _DESIGN, stage_design),
