@@ -369,6 +369,38 @@ def plan(
     console.print("power: share of simulated studies whose 95% CI excludes the baseline r.")
 
 
+@app.command()
+def serve(
+    target: str = typer.Argument(..., help="A run directory, a fine-tuned model's directory (runs/X/models/Y), or a model."),
+    port: int = typer.Option(8000, help="Port on 127.0.0.1."),
+    name: Optional[str] = typer.Option(None, help="Served name of the (base) model (default: the run's label or the model's name)."),
+    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16, float16 (default: the run's vllm.dtype, else auto)."),
+    max_model_len: int = typer.Option(4096, help="Context length."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the server command and stop."),
+    extra: Optional[list[str]] = typer.Argument(None, help="More vLLM server arguments, after --."),
+) -> None:
+    """Start vLLM's OpenAI-compatible server on 127.0.0.1 for a run's models (LoRA adapters unmerged)."""
+    import os
+    import shlex
+
+    from .models import ModelError
+    from .serve import VLLM_ENV, ServeError, command, plan as serve_plan, vllm_python
+
+    try:
+        p = serve_plan(target, name)
+        cmd = command(p, vllm_python() if not dry_run else (os.environ.get("SELFINTERP_VLLM_PYTHON") or "python"),
+                      port=port, dtype=dtype, max_model_len=max_model_len, extra=extra)
+    except (ServeError, ModelError, FileNotFoundError) as e:
+        fail(str(e))
+    err.print(f"serving {p.name}" + "".join(f", {k}" for k in p.loras) + f" at http://127.0.0.1:{port}/v1", highlight=False)
+    for which, why in p.skipped.items():
+        err.print(f"[yellow]not served: {which}: {why}[/]", highlight=False)
+    console.print(" ".join(shlex.quote(c) for c in cmd), highlight=False, markup=False, soft_wrap=True)
+    if dry_run:
+        return
+    os.execve(cmd[0], cmd, {**os.environ, **VLLM_ENV})
+
+
 # Model commands live with the models (they import torch lazily, when run).
 try:
     from .models import app as models_app

