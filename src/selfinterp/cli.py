@@ -29,7 +29,9 @@ err = Console(stderr=True, soft_wrap=True)  # error messages stay whole lines (g
 
 
 def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(1)
 
 
@@ -232,7 +234,7 @@ def run_cmd(
     config_file: Optional[Path] = typer.Argument(None, help="A run configuration (TOML, YAML or JSON)."),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="smoke, cpu, paper or simulated."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<name>)."),
-    backend: Optional[str] = typer.Option(None, help="Override the backend, the inference engine (hf, simulated, openai)."),
+    backend: Optional[str] = typer.Option(None, help="Override the backend, the inference engine (hf, simulated, openai, vllm)."),
     trainer: Optional[str] = typer.Option(None, help="Override who fine-tunes (hf, simulated, openai, external; default: the backend)."),
     model: Optional[str] = typer.Option(None, help="Override the model (registry name, directory or hub id)."),
     seed: Optional[int] = typer.Option(None, help="Override the seed."),
@@ -256,6 +258,7 @@ def run_cmd(
         print_plan(cfg, out)
         return
     from .backends.openai_api import OpenAIAPIError
+    from .backends.vllm import VLLMUnavailable
     from .models import ModelError
     from .run import GateFailed, Run
     from .scenarios import ScenarioError
@@ -264,7 +267,7 @@ def run_cmd(
               f"in {out.resolve()}")
     try:
         results = Run(cfg, out, force=force, console=err).execute()
-    except (GateFailed, ModelError, ScenarioError, OpenAIAPIError) as e:
+    except (GateFailed, ModelError, ScenarioError, OpenAIAPIError, VLLMUnavailable) as e:
         fail(str(e))
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted: finished work is kept in {out}; run the same command again to resume[/]")

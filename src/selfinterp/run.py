@@ -137,6 +137,10 @@ class Run:
 
             quiet_transformers()
             check_loadable(self.cfg.model)
+        if self.cfg.backend == "vllm":  # fail now, not after the first fine-tuning
+            from .backends.vllm import device_type
+
+            device_type()
         atomic_write_json(self.path("config.json"), json.loads(self.cfg.model_dump_json()))
         for stage in self.stages():
             if self.is_done(stage):
