@@ -81,7 +81,7 @@ def test_serve_a_run_with_a_lora_adapter(tmp_path):
     chats = [prompts.decision_chat(s, p.a, p.b) for p in design.sample_pairs(s, 24, 0, "serve-test")]
     trained = tmp_path / "trained"
     ft.finetune(base, [{"messages": c + [{"role": "assistant", "content": "B"}]} for c in chats[6:]], None,
-                ft.FinetuneConfig(method="lora", layers=2, epochs=1, batch_size=6, lr=5e-3, lora_rank=8, lora_alpha=16),
+                ft.FinetuneConfig(method="lora", layers=2, epochs=3, batch_size=6, lr=1e-2, lora_rank=8, lora_alpha=16),
                 trained, progress=False)
     run = _fake_run(tmp_path / "run", base, adapter_src=trained)
     chats = chats[:6]
