@@ -133,3 +133,17 @@ def test_serve_a_run_with_a_lora_adapter(tmp_path):
             proc.wait()
             pytest.fail("the server did not stop within 60 s of SIGTERM")
         print(f"stopped {time.time() - t:.1f} s after SIGTERM")
+
+
+def test_cli_dry_run_prints_the_server_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from selfinterp.cli import app
+
+    model = tmp_path / "my_model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    r = CliRunner().invoke(app, ["serve", str(model), "--port", "8011", "--dry-run", "--", "--max-num-seqs", "4"])
+    assert r.exit_code == 0, r.output
+    assert "vllm.entrypoints.openai.api_server" in r.output and "--served-model-name my_model" in r.output
+    assert "--port 8011" in r.output and r.output.rstrip().endswith("--max-num-seqs 4")
