@@ -81,7 +81,7 @@ def test_serve_a_run_with_a_lora_adapter(tmp_path):
     chats = [prompts.decision_chat(s, p.a, p.b) for p in design.sample_pairs(s, 24, 0, "serve-test")]
     trained = tmp_path / "trained"
     ft.finetune(base, [{"messages": c + [{"role": "assistant", "content": "B"}]} for c in chats[6:]], None,
-                ft.FinetuneConfig(method="lora", layers=2, epochs=3, batch_size=6, lr=1e-2, lora_rank=8, lora_alpha=16),
+                ft.FinetuneConfig(method="lora", layers=2, epochs=2, batch_size=6, lr=2e-3, lora_rank=8, lora_alpha=16),
                 trained, progress=False)
     run = _fake_run(tmp_path / "run", base, adapter_src=trained)
     chats = chats[:6]
@@ -120,7 +120,8 @@ def test_serve_a_run_with_a_lora_adapter(tmp_path):
                 la, lb = top.get(a_id, -np.inf), top.get(b_id, -np.inf)
                 p_a.append(1 / (1 + np.exp(lb - la)))
             diff = np.abs(np.array(p_a) - want.p_a).max()
-            print(f"{served}: max |P(A) server - P(A) transformers{' + peft' if served == 'instilled' else ''}| {diff:.2e}")
+            print(f"{served}: max |P(A) server - P(A) transformers{' + peft' if served == 'instilled' else ''}| {diff:.2e} "
+                  f"(P(A) {min(p_a):.3f}..{max(p_a):.3f})")
             assert diff < 2e-3
         assert np.abs(ref.p_a - ref_base.p_a).max() > 0.01  # the adapter matters, so serving it is tested
     finally:

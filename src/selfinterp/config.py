@@ -122,7 +122,8 @@ class VLLMSettings(Strict):
     pipeline_parallel_size: int = Field(1, ge=1, description="pipeline stages (e.g. one per node)")
     max_model_len: Optional[int] = Field(4096, ge=64, description="context length the KV cache is sized for")
     enforce_eager: Optional[bool] = Field(None, description="skip graph capture/compilation (default: on CPU)")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    gpu_memory_utilization: Optional[float] = Field(
+        None, gt=0, le=1, description="share of GPU memory vLLM takes (on CPU: of RAM it checks is free); default 0.85 GPU, 0.3 CPU")
     enable_prefix_caching: bool = True
     adapters: Literal["auto", "lora", "merged"] = Field(
         "auto", description="LoRA adapters served by LoRARequest or merged first (auto: lora on GPU, merged on CPU)")

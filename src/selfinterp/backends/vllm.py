@@ -112,7 +112,8 @@ class EngineOptions:
     pipeline_parallel_size: int = 1
     max_model_len: int | None = 4096
     enforce_eager: bool | None = None  # None: True on CPU (start in ~20 s instead of ~70 s), False on GPU
-    gpu_memory_utilization: float = 0.85
+    gpu_memory_utilization: float | None = None  # None: 0.85 on GPU; 0.3 on CPU, where vLLM refuses to start
+    # unless that share of RAM is free (its default 0.92 fails beside any other job)
     enable_prefix_caching: bool = True
     adapters: str = "auto"  # "lora": LoRARequest; "merged": merge first; "auto": lora on GPU, merged on CPU
     max_lora_rank: int = 64
@@ -136,7 +137,8 @@ class EngineOptions:
         dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
         eager = self.enforce_eager if self.enforce_eager is not None else cpu
         adapters = self.adapters if self.adapters != "auto" else ("merged" if cpu else "lora")
-        return replace(self, dtype=dtype, enforce_eager=eager, adapters=adapters)
+        mem = self.gpu_memory_utilization if self.gpu_memory_utilization is not None else (0.3 if cpu else 0.85)
+        return replace(self, dtype=dtype, enforce_eager=eager, adapters=adapters, gpu_memory_utilization=mem)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,8 +170,7 @@ def engine(model_path: str, opts: EngineOptions, enable_lora: bool) -> tuple[Any
         kwargs["max_num_seqs"] = opts.max_num_seqs
     if opts.distributed_executor_backend:
         kwargs["distributed_executor_backend"] = opts.distributed_executor_backend
-    if device != "cpu":
-        kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
+    kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
     if enable_lora:
         kwargs.update(enable_lora=True, max_lora_rank=opts.max_lora_rank, max_loras=1)
     t = time.time()
