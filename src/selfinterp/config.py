@@ -48,6 +48,9 @@ class TrainSettings(Strict):
     checkpoint_every: Optional[int] = Field(100, ge=1, description="optimizer steps between checkpoints "
                                             "(also one per epoch); what an interruption can lose at most")
 
+    # Settings that cannot change a result: left out of stage keys.
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("checkpoint_every",)
+
 
 class SimulatedSettings(Strict):
     """The simulated decision-maker (see :mod:`selfinterp.backends.simulated`)."""
@@ -212,22 +215,11 @@ class RunConfig(Strict):
     def hash_fields(self, *names: str) -> dict[str, Any]:
         """The values of the named fields, as the stage keys see them (settings that cannot change
         a result, like how often to checkpoint, are left out so that changing them redoes nothing)."""
-        out = {n: json.loads(self.model_dump_json(include={n}))[n] for n in names}
-        for n in ("instill", "introspection"):
-            if n in out:
-                out[n].pop("checkpoint_every", None)
-        if "openai" in out:  # only what changes results; and nothing at all for runs that do not use it
-            if self.backend != "openai" and self.trainer_name != "openai":
-                out.pop("openai")
-            else:
-                for k in OpenAISettings.OPERATIONAL:
-                    out["openai"].pop(k, None)
-        if "vllm" in out:  # likewise
-            if self.backend != "vllm":
-                out.pop("vllm")
-            else:
-                for k in VLLMSettings.OPERATIONAL:
-                    out["vllm"].pop(k, None)
+        unused = {"openai": self.backend != "openai" and self.trainer_name != "openai", "vllm": self.backend != "vllm"}
+        out = {n: json.loads(self.model_dump_json(include={n}))[n] for n in names if not unused.get(n)}
+        for n, value in out.items():  # a settings block keeps only what changes results
+            for k in getattr(getattr(self, n), "OPERATIONAL", ()):
+                value.pop(k, None)
         if out.get("trainer", 0) is None:
             out.pop("trainer")  # runs that predate the field keep their stage keys
         return out

@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import chat_template
+from .journal import atomic_write_json
 
 IGNORE = -100  # label value that cross-entropy ignores (prompt and padding positions)
 MANIFEST = "manifest.json"
@@ -471,12 +472,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def _training_fields(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("checkpoint_every", "keep_checkpoints")}
 
@@ -640,7 +635,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             state["wall_seconds"] = wall_before + time.time() - t_start
-            _atomic_json(tmp / "state.json", {"identity": identity, "world_size": world, "state": state})
+            atomic_write_json(tmp / "state.json", {"identity": identity, "world_size": world, "state": state})
             final = out_dir / CHECKPOINTS / f"step-{step}"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # a checkpoint exists under its name only when complete
@@ -751,7 +746,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             "versions": _versions(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _atomic_json(manifest_path, manifest)
+        atomic_write_json(manifest_path, manifest)
     accelerator.wait_for_everyone()
     manifest = json.loads(manifest_path.read_text())
     model.eval()

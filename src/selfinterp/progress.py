@@ -79,7 +79,7 @@ class LogProgress:
 
     def remove_task(self, tid: int) -> None:
         t = self.tasks.pop(tid)
-        if t.last_print < time.time() and t.completed < (t.total or 0):
+        if t.completed < (t.total or 0):  # stopped early: say where
             self._print(t, time.time())
 
     def _print(self, t: _Task, now: float) -> None:

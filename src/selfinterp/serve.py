@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import models
+from .backends.vllm import RUNTIME_ENV, adapter_rank
 
-VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1",
-            "TOKENIZERS_PARALLELISM": "false"}
+VLLM_ENV = RUNTIME_ENV  # the server runs offline and quiet, like the in-process engine
 
 
 class ServeError(RuntimeError):
@@ -60,11 +60,6 @@ def vllm_python() -> str:
                      "it: `pip install 'selfinterp[vllm]'` (GPU) or see the README, 'vLLM inference', for the CPU venv")
 
 
-def _adapter_rank(adapter: Path) -> int:
-    r = int(json.loads((adapter / "adapter_config.json").read_text()).get("r", 16))
-    return next((a for a in (8, 16, 32, 64, 128, 256, 320, 512) if r <= a), r)
-
-
 def plan(target: str, name: str | None = None) -> Plan:
     """What to serve for a model, a run directory or a fine-tuned model's directory."""
     t = Path(target)
@@ -85,7 +80,7 @@ def plan(target: str, name: str | None = None) -> Plan:
             alone = f"selfinterp serve {d.parent}"
             if m.get("method") == "lora" and Path(str(m.get("base_model"))).resolve() == Path(str(base)).resolve():
                 p.loras[which] = str(d.parent / "adapter")
-                p.max_lora_rank = max(p.max_lora_rank, _adapter_rank(d.parent / "adapter"))
+                p.max_lora_rank = max(p.max_lora_rank, adapter_rank(d.parent / "adapter"))
             elif m.get("method") == "lora":
                 p.skipped[which] = f"a LoRA on another fine-tuned model ({m.get('base_model')}); serve it alone: {alone}"
             else:

@@ -53,6 +53,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from ..journal import atomic_write_json
 from .base import WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfReport
 
 OFFICIAL_BASE_URL = "https://api.openai.com/v1"
@@ -423,12 +424,6 @@ class OpenAIBackend:
                                                      dict(hyperparameters or {}))
 
 
-def _save(path: Path, state: dict) -> None:
-    from ..journal import atomic_write_json
-
-    atomic_write_json(path, state)
-
-
 class FineTuneJob:
     """Upload -> create -> poll, with every id written to ``openai_job.json`` as soon as it exists."""
 
@@ -460,7 +455,7 @@ class FineTuneJob:
 
         obj = self.b.caller.call(f"upload {path.name}", go)
         state["files"][role] = {"id": obj.id, "sha256": digest, "filename": path.name, "bytes": getattr(obj, "bytes", None)}
-        _save(self.path, state)
+        atomic_write_json(self.path, state)
         self.b.log(f"{role}: uploaded {path.name} as {obj.id}")
         return obj.id
 
@@ -488,7 +483,7 @@ class FineTuneJob:
                                          lambda: self.b.client.fine_tuning.jobs.create(**request))
             job = {"id": created.id, "request": request, "status": created.status}
             state["job"] = job
-            _save(self.path, state)
+            atomic_write_json(self.path, state)
             self.b.log(f"created fine-tuning job {created.id} on {self.b.model}")
         else:
             self.b.log(f"re-attaching to fine-tuning job {job['id']} ({job.get('status')})")
@@ -502,7 +497,7 @@ class FineTuneJob:
                     "created_at": getattr(done, "created_at", None), "finished_at": getattr(done, "finished_at", None),
                     "result_files": list(getattr(done, "result_files", None) or []), **metrics,
                     "base_url": public_url(self.b.base_url)}
-        _save(self.out / MANIFEST, manifest)
+        atomic_write_json(self.out / MANIFEST, manifest)
         return ModelRef(base=self.b.model, adapter=done.fine_tuned_model, metadata=manifest)
 
     def save_results(self, file_ids: list[str]) -> dict:
@@ -549,13 +544,13 @@ class FineTuneJob:
                                          lambda: self.b.client.fine_tuning.jobs.retrieve(job["id"]))
             if current.status != job.get("status"):
                 job["status"] = current.status
-                _save(self.path, state)
+                atomic_write_json(self.path, state)
                 self.b.log(f"fine-tuning job {job['id']}: {current.status}")
             if current.status == "succeeded":
                 if not current.fine_tuned_model:
                     raise OpenAIAPIError(f"fine-tuning job {job['id']} succeeded without a fine_tuned_model")
                 job.update(fine_tuned_model=current.fine_tuned_model, trained_tokens=current.trained_tokens)
-                _save(self.path, state)
+                atomic_write_json(self.path, state)
                 return current
             if current.status in ("failed", "cancelled"):
                 err = getattr(current, "error", None)
@@ -564,7 +559,7 @@ class FineTuneJob:
                 job["error"] = {"code": code, "message": message}
                 state["failed_jobs"].append(job)
                 state.pop("job")
-                _save(self.path, state)
+                atomic_write_json(self.path, state)
                 raise FineTuneFailed(redact(
                     f"fine-tuning job {job['id']} {current.status}: {code or 'no code'}: {message or 'no message'}. "
                     "Run again to start a new job (the uploaded files are re-used).", self.b._secrets))

@@ -54,7 +54,7 @@ from .base import WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfR
 
 TOP_LOGPROBS = 20
 # vLLM's settings for a run that stay out of results: how fast, not what.
-_RUNTIME_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+RUNTIME_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                 "VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -69,7 +69,7 @@ INSTALL_HINT = ("install it with `pip install 'selfinterp[vllm]'` on a GPU machi
 
 def import_vllm():
     """The ``vllm`` module, or :class:`VLLMUnavailable` with what to do."""
-    for k, v in _RUNTIME_ENV.items():
+    for k, v in RUNTIME_ENV.items():
         os.environ.setdefault(k, v)
     try:
         import vllm
@@ -212,15 +212,9 @@ def release() -> None:
 
 
 def adapter_rank(adapter_dir: Path) -> int:
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    return int(cfg.get("r", 16))
-
-
-def _round_rank(r: int) -> int:
-    for allowed in (8, 16, 32, 64, 128, 256, 320, 512):
-        if r <= allowed:
-            return allowed
-    return r
+    """The LoRA rank of a peft adapter, rounded up to a rank vLLM accepts for ``max_lora_rank``."""
+    r = int(json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 16))
+    return next((allowed for allowed in (8, 16, 32, 64, 128, 256, 320, 512) if r <= allowed), r)
 
 
 class VLLMBackend:
@@ -243,7 +237,7 @@ class VLLMBackend:
             from vllm.lora.request import LoRARequest
 
             opts = EngineOptions(**{**opts.__dict__, "max_lora_rank": max(opts.max_lora_rank,
-                                                                          _round_rank(adapter_rank(lora)))})
+                                                                          adapter_rank(lora))})
             self.lora_request = LoRARequest(lora.parent.name if lora.name == "adapter" else lora.name,
                                             _lora_id(lora), str(lora))
         self.opts = opts
