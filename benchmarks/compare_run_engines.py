@@ -34,8 +34,8 @@ def main() -> None:
     else:
         hf = HFBackend(str(materialise(out)), dtype=args.dtype, progress=False)
     col = "p_a" if cfg.soft_targets else "prob_a"
-    print(f"{args.run_dir}: recorded by backend {cfg.backend} (vllm dtype {cfg.vllm.dtype}); transformers {args.dtype} "
-          f"on models/instilled ({manifest['method']})")
+    print(f"{args.run_dir}: recorded by backend {cfg.backend} (vllm dtype {cfg.vllm.dtype}, lm_head "
+          f"{cfg.vllm.head_dtype}); transformers {args.dtype} (lm_head {hf.info['head_dtype']}) on models/instilled ({manifest['method']})")
     allp, allh = [], []
     for stage, scen, n, purpose, name in (
             ("validate", run.design["instilled"], cfg.n_eval_trials, "eval", f"{run.label}_instilled_selections.csv"),

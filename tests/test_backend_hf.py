@@ -97,6 +97,29 @@ def test_probabilities_are_in_range(backend, bank):
     assert cp.choices == ["A" if p >= 0.5 else "B" for p in cp.p_a]
 
 
+def test_bfloat16_models_score_through_a_float32_head(sharp_model_dir, bank):
+    """In bfloat16 the lm_head runs in float32 (head_dtype): P(A) is that of the bfloat16 model's
+    last hidden state through the float32 head, not of logits rounded to bfloat16."""
+    from selfinterp.backends.hf import HFBackend, encode
+
+    chats = decision_chats(bank, n_scenarios=4, per=2)
+    head32 = HFBackend(str(sharp_model_dir), dtype="bfloat16", batch_size=4, progress=False)
+    head16 = HFBackend(str(sharp_model_dir), dtype="bfloat16", head_dtype="model", batch_size=4, progress=False)
+    assert head32.info["head_dtype"] == "float32" and head16.info["head_dtype"] == "bfloat16"
+    a, b = head16.answer_ids
+    weight = head16.model.get_output_embeddings().weight.float()
+    expected = []
+    with torch.inference_mode():
+        for row in encode(head16.tokenizer, [head16.render(c) for c in chats]):
+            out = head16.model(input_ids=torch.tensor([row]), output_hidden_states=True, logits_to_keep=1)
+            assert out.logits.dtype == torch.bfloat16
+            logits = out.hidden_states[-1][0, -1].float() @ weight.T
+            expected.append(torch.sigmoid(logits[a] - logits[b]).item())
+    got = head32.choice_probs(chats).p_a
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.abs(head16.choice_probs(chats).p_a - expected).max() > 1e-4  # the rounding the head avoids
+
+
 def test_json_object_end():
     assert json_object_end('{"a": 1} tail') == 8
     assert json_object_end('```json\n{"a": {"b": 2}}\n```') == len('```json\n{"a": {"b": 2}}')

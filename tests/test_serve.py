@@ -57,6 +57,8 @@ def test_plan_of_a_run_serves_base_and_its_adapters(tmp_path, monkeypatch):
     assert cmd[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
     joined = " ".join(cmd)
     assert "--host 127.0.0.1 --port 8123" in joined and "--max-logprobs 20" in joined
+    assert cmd[cmd.index("--hf-overrides") + 1] == '{"head_dtype": "float32"}'  # as the vllm backend
+    assert "--hf-overrides" not in command(p, "/py", extra=["--hf-overrides", "{}"])[:-2]
     assert f"--enable-lora --max-lora-rank 16 --max-loras 1 --lora-modules instilled={run}/models/instilled/adapter" in joined
     assert plan("smollm2-135m").name == "smollm2-135m"
 

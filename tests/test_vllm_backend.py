@@ -29,7 +29,7 @@ def test_config_vllm_backend_trains_with_hf_and_keys_only_result_settings():
     cfg = config.build("smoke", overrides={"backend": "vllm", "vllm": {"dtype": "bfloat16", "enforce_eager": False}})
     assert cfg.trainer_name == "hf"
     h = cfg.hash_fields("vllm")["vllm"]
-    assert h == {"dtype": "bfloat16", "adapters": "auto"}  # engine speed settings never redo a stage
+    assert h == {"dtype": "bfloat16", "head_dtype": "float32", "adapters": "auto"}  # engine speed settings never redo a stage
     assert "vllm" not in config.build("smoke").hash_fields("vllm")  # other backends' keys are unchanged
     with pytest.raises(config.ConfigError, match="trainer 'openai' cannot serve backend 'vllm'"):
         config.build("smoke", overrides={"backend": "vllm", "trainer": "openai"})

@@ -121,6 +121,8 @@ class VLLMSettings(Strict):
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU (like the hf backend), bfloat16 on GPU")
+    head_dtype: Literal["float32", "model"] = Field(
+        "float32", description="the lm_head's dtype (float32: P(A) not rounded by bfloat16 logits; model: as dtype)")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (tensor parallelism)")
     pipeline_parallel_size: int = Field(1, ge=1, description="pipeline stages (e.g. one per node)")
     max_model_len: Optional[int] = Field(4096, ge=64, description="context length the KV cache is sized for")

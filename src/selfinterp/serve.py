@@ -46,6 +46,7 @@ class Plan:
     loras: dict[str, str] = field(default_factory=dict)  # served name -> adapter directory
     skipped: dict[str, str] = field(default_factory=dict)  # model -> why / how to serve it
     dtype: str = "auto"
+    head_dtype: str = "float32"  # the lm_head in float32 whatever dtype is, as the vllm backend does
     max_lora_rank: int = 16
 
 
@@ -74,7 +75,9 @@ def plan(target: str, name: str | None = None) -> Plan:
         cfg = json.loads((t / "config.json").read_text())
         base = models.resolve(cfg["model"])
         label = name or cfg.get("model_label") or Path(cfg["model"]).name.replace("_", "-")
-        p = Plan(model=str(base), name=label, dtype=cfg.get("vllm", {}).get("dtype", "auto"))
+        settings = cfg.get("vllm", {})
+        p = Plan(model=str(base), name=label, dtype=settings.get("dtype", "auto"),
+                 head_dtype=settings.get("head_dtype", "float32"))
         for d in sorted((t / "models").glob("*/manifest.json")):
             which, m = d.parent.name, json.loads(d.read_text())
             alone = f"selfinterp serve {d.parent}"
@@ -99,6 +102,8 @@ def command(p: Plan, python: str, host: str = "127.0.0.1", port: int = 8000, dty
         enforce_eager = cpu  # CPU: start in ~20 s instead of ~70 s
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", p.model, "--served-model-name", p.name,
            "--host", host, "--port", str(port), "--dtype", dtype, "--max-logprobs", "20"]
+    if p.head_dtype != "model" and "--hf-overrides" not in (extra or []):
+        cmd += ["--hf-overrides", json.dumps({"head_dtype": p.head_dtype})]
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
     if enforce_eager:

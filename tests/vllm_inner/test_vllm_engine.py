@@ -116,6 +116,7 @@ def test_bfloat16_within_005(model_dir, hf, chats):
 
     decision = chats[0]
     v = VLLMBackend(model_dir, options={"dtype": "bfloat16"})
+    assert v.info["head_dtype"] == "float32"  # both engines: bfloat16 body, float32 lm_head
     try:
         pv = v.choice_probs(decision)
     finally:
@@ -125,7 +126,7 @@ def test_bfloat16_within_005(model_dir, hf, chats):
     print(f"\nbfloat16 vs transformers bfloat16: max |dP(A)| {mx:.3f}, mean {mean:.3f}, same argmax {same:.1%}")
     mx32, mean32, same32 = _compare(pv, hf.choice_probs(decision))
     print(f"bfloat16 vs transformers float32: max |dP(A)| {mx32:.3f}, mean {mean32:.3f}, same argmax {same32:.1%}")
-    assert mx < 0.05 and same >= 0.95
+    assert mx < 0.05 and same >= 0.95 and mx32 < 0.05
 
 
 def test_lora_adapter_served_as_lora_and_merged(model_dir, chats, tmp_path_factory):

@@ -11,7 +11,11 @@ Self-reports are generated greedily (or sampled, seeded), stopping at the end of
 JSON object; or, in the *constrained* mode, the backend writes the JSON skeleton and the model
 only picks the numbers (see :class:`_ReportFiller`).
 
-Defaults: float32 on CPU (bf16 moves P(A) by up to 0.05 on CPU), bf16 on GPU.
+Defaults: float32 on CPU (bf16 moves P(A) by up to 0.05 on CPU), bf16 on GPU. Whatever the
+model's dtype, its output layer (the lm_head) runs in float32 (``head_dtype``): in bfloat16, logits
+of 15-30 are rounded to steps of 0.125, which alone moves P(A) by up to ~0.03; a float32 head costs
+one matrix product per step (only the last position's logits are computed) and halved bfloat16's
+P(A) error on 128 prompts (max 0.044 -> 0.020 against float32; ``benchmarks/bench_vllm.md``).
 """
 
 from __future__ import annotations
@@ -86,6 +90,23 @@ def answer_token_ids(tokenizer: Any, prompt_text: str, letters: Sequence[str] = 
     return tuple(ids)
 
 
+def _head_in(model: Any, dtype: torch.dtype) -> bool:
+    """Compute ``model``'s output layer in ``dtype``: a forward hook replaces the lm_head's
+    output by the same product in ``dtype`` (weights cast per call, so no second copy of a
+    possibly tied embedding stays in memory). False, and nothing changed, when the output layer
+    is not a plain Linear (e.g. wrapped by a LoRA adapter on the lm_head)."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return False
+
+    def hook(module: torch.nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        bias = None if module.bias is None else module.bias.to(dtype)
+        return torch.nn.functional.linear(inputs[0].to(dtype), module.weight.to(dtype), bias)
+
+    head.register_forward_hook(hook)
+    return True
+
+
 def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first: little padding, and a
     too-large batch fails at once rather than at the end)."""
@@ -97,7 +118,8 @@ class HFBackend:
     """A causal LM from transformers (optionally with a peft adapter) behind the backend protocol."""
 
     def __init__(self, model: str = models.DEFAULT_MODEL, adapter: str | None = None, device: str = "auto",
-                 dtype: str | torch.dtype = "auto", batch_size: int = 16, progress: bool = True):
+                 dtype: str | torch.dtype = "auto", batch_size: int = 16, progress: bool = True,
+                 head_dtype: str = "float32"):
         self.model_name = str(model)
         self.adapter = str(adapter) if adapter else None
         self.device = pick_device(device)
@@ -110,6 +132,9 @@ class HFBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = net.to(self.device).eval()
+        self.head_dtype = self.dtype if head_dtype == "model" else pick_dtype(head_dtype, self.device)
+        if self.head_dtype != self.dtype and not _head_in(self.model, self.head_dtype):
+            self.head_dtype = self.dtype  # recorded in info: this model's head stays in its dtype
 
         self.system_role = supports_system(self.tokenizer)
         probe = self.render(prompts.chat("Respond with A or B."))
@@ -122,6 +147,7 @@ class HFBackend:
             "adapter": self.adapter,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "head_dtype": str(self.head_dtype).removeprefix("torch."),
             # Templates without a system role get the system prompt folded into the first user turn.
             "folded_system": not self.system_role,
             "answer_tokens": dict(zip(ANSWER_LETTERS, self.answer_ids)),

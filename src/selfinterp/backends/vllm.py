@@ -18,6 +18,11 @@ two, and their sum is kept as ``mass``. vLLM's logprobs are those of the raw log
 a second request that appends it to the prompt and reads its prompt logprob, so P(A) never
 depends on the cut-off.
 
+The lm_head runs in float32 whatever the model's dtype (``head_dtype``, vLLM's ``hf_overrides``),
+as in the transformers backend: in bfloat16, logits of 15-30 are rounded to steps of 0.125, which
+alone moves P(A) by up to ~0.03; with a float32 head, bfloat16 vLLM and float32 transformers agreed
+to 0.020 on 128 prompts (0.044 with a bfloat16 head; ``benchmarks/bench_vllm.md``).
+
 Reports: free generation stops at the end of the first balanced JSON object (a stop string "}"
 and, for nested objects, continued until the object closes); the constrained mode uses vLLM's
 structured outputs with a regular expression of exactly the transformers backend's skeleton
@@ -108,6 +113,7 @@ class EngineOptions:
     :class:`selfinterp.config.VLLMSettings`). ``None`` means: chosen by device."""
 
     dtype: str = "auto"  # auto: float32 on CPU (as the transformers backend), bfloat16 on GPU
+    head_dtype: str = "float32"  # the lm_head's dtype: "float32", or "model" (= dtype); see the module docstring
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     max_model_len: int | None = 4096
@@ -134,11 +140,13 @@ class EngineOptions:
 
         cpu = device == "cpu"
         dtype = self.dtype if self.dtype != "auto" else ("float32" if cpu else "bfloat16")
-        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
+        alias = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+        dtype = alias.get(dtype, dtype)
+        head = alias.get(self.head_dtype, self.head_dtype)
         eager = self.enforce_eager if self.enforce_eager is not None else cpu
         adapters = self.adapters if self.adapters != "auto" else ("merged" if cpu else "lora")
         mem = self.gpu_memory_utilization if self.gpu_memory_utilization is not None else (0.3 if cpu else 0.85)
-        return replace(self, dtype=dtype, enforce_eager=eager, adapters=adapters, gpu_memory_utilization=mem)
+        return replace(self, dtype=dtype, head_dtype=head, enforce_eager=eager, adapters=adapters, gpu_memory_utilization=mem)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,6 +179,8 @@ def engine(model_path: str, opts: EngineOptions, enable_lora: bool) -> tuple[Any
     if opts.distributed_executor_backend:
         kwargs["distributed_executor_backend"] = opts.distributed_executor_backend
     kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
+    if opts.head_dtype != "model" and opts.head_dtype != opts.dtype:
+        kwargs["hf_overrides"] = {"head_dtype": opts.head_dtype}
     if enable_lora:
         kwargs.update(enable_lora=True, max_lora_rank=opts.max_lora_rank, max_loras=1)
     t = time.time()
@@ -259,6 +269,7 @@ class VLLMBackend:
             "adapter_served_as": None if adapter is None else ("lora" if enable_lora else "merged"),
             "device": device,
             "dtype": opts.dtype,
+            "head_dtype": opts.dtype if opts.head_dtype == "model" else opts.head_dtype,
             "tensor_parallel_size": opts.tensor_parallel_size,
             "pipeline_parallel_size": opts.pipeline_parallel_size,
             "enforce_eager": opts.enforce_eager,
