@@ -17,8 +17,8 @@ Read top to bottom:
 5. :func:`load_finetuned` - the trained model back from its output directory.
 
 Why not HF ``Trainer`` / TRL ``SFTTrainer``: they feed token ids through the whole model every
-step and cannot train on cached activations, which is the main CPU speed-up here (4-7x per step; benchmarks/bench_finetune.md); the
-loop below is short enough to read in one sitting.
+step and cannot train on cached activations, which is the main CPU speed-up here (4-7x per step,
+``benchmarks/bench_finetune.md``); the loop below is short enough to read in one sitting.
 
 Run distributed on GPUs with ``accelerate launch --num_processes N -m selfinterp.finetune
 --base MODEL --train train.jsonl --out DIR [--val val.jsonl] [--config '{"epochs": 3}']``
