@@ -241,8 +241,9 @@ def run_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages, model calls, training, time) and stop."),
     force: bool = typer.Option(False, help="Continue past a failed instillation gate."),
 ) -> None:
-    """Run the paper's whole protocol, resumably: re-running finishes what is left and redoes only
-    what changed."""
+    """Run the paper's whole protocol, resumably: a re-run finishes what is left, redoes what changed.
+
+    `selfinterp run --preset smoke --dry-run` lists the stages, model calls and time first."""
     from . import config as cfgmod
 
     if config_file is None and preset is None:
