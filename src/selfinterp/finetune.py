@@ -218,8 +218,13 @@ def _run_layers(backbone: nn.Module, hidden: torch.Tensor, attention_mask: torch
         raise NotImplementedError(f"attention types {sorted(unknown)} are not supported by the lower-layer cache")
 
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    kw = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
-              past_key_values=None, position_ids=position_ids)
+    # No KV cache here; transformers 5.2x renamed the argument past_key_values -> cache (the old
+    # name warns until it is removed), so pass whichever this version takes.
+    mask_cache = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+    layer_cache = ("cache" if start < stop and "cache" in inspect.signature(backbone.layers[start].forward).parameters
+                   else "past_key_values")
+    kw = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
+              **{mask_cache: None})
     make_mask = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
     masks = {t: make_mask[t](**kw) for t in types}
     if "layer_type" in inspect.signature(backbone.rotary_emb.forward).parameters:
@@ -230,7 +235,7 @@ def _run_layers(backbone: nn.Module, hidden: torch.Tensor, attention_mask: torch
     for i in range(start, stop):
         t = layer_types[i]
         hidden = backbone.layers[i](hidden, attention_mask=masks[t], position_ids=position_ids,
-                                    position_embeddings=rotary[t], past_key_values=None, use_cache=False)
+                                    position_embeddings=rotary[t], use_cache=False, **{layer_cache: None})
     return hidden
 
 
