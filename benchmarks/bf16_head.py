@@ -7,11 +7,8 @@ engines are installed (``.venv-vllm``); recorded in ``bench_vllm.md``:
 """
 
 import argparse
-import os
 
-for k, v in {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1",
-             "VLLM_CPU_KVCACHE_SPACE": "2", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(k, v)
+from bench_vllm import workload  # also sets the offline / KV-cache environment before vLLM is imported
 
 
 def main() -> None:
@@ -21,7 +18,6 @@ def main() -> None:
 
     import numpy as np
 
-    from bench_vllm import workload
     from selfinterp import models
     from selfinterp.backends.hf import HFBackend
     from selfinterp.backends.vllm import VLLMBackend, release

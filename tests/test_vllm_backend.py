@@ -37,6 +37,16 @@ def test_config_vllm_backend_trains_with_hf_and_keys_only_result_settings():
         config.build("smoke", overrides={"backend": "vllm", "vllm": {"tensor_parallel_size": 0}})
 
 
+def test_engine_options_resolve_by_device():
+    from selfinterp.backends.vllm import EngineOptions
+
+    cpu = EngineOptions().resolved("cpu")
+    assert (cpu.dtype, cpu.head_dtype, cpu.enforce_eager, cpu.adapters) == ("float32", "float32", True, "merged")
+    gpu = EngineOptions().resolved("cuda")
+    assert (gpu.dtype, gpu.head_dtype, gpu.enforce_eager, gpu.adapters) == ("bfloat16", "float32", False, "lora")
+    assert EngineOptions(dtype="bf16", head_dtype="model").resolved("cpu").head_dtype == "bfloat16"
+
+
 def test_report_regex_is_the_constrained_skeleton():
     names = ["monthly_rent", "distance (km)", 'a "quoted" {name}']
     rx = re.compile(report_regex(names))

@@ -113,7 +113,7 @@ class EngineOptions:
     :class:`selfinterp.config.VLLMSettings`). ``None`` means: chosen by device."""
 
     dtype: str = "auto"  # auto: float32 on CPU (as the transformers backend), bfloat16 on GPU
-    head_dtype: str = "float32"  # the lm_head's dtype: "float32", or "model" (= dtype); see the module docstring
+    head_dtype: str = "float32"  # the lm_head's dtype: "float32", or "model" (resolved to dtype); see the module docstring
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     max_model_len: int | None = 4096
@@ -142,7 +142,7 @@ class EngineOptions:
         dtype = self.dtype if self.dtype != "auto" else ("float32" if cpu else "bfloat16")
         alias = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
         dtype = alias.get(dtype, dtype)
-        head = alias.get(self.head_dtype, self.head_dtype)
+        head = dtype if self.head_dtype == "model" else alias.get(self.head_dtype, self.head_dtype)
         eager = self.enforce_eager if self.enforce_eager is not None else cpu
         adapters = self.adapters if self.adapters != "auto" else ("merged" if cpu else "lora")
         mem = self.gpu_memory_utilization if self.gpu_memory_utilization is not None else (0.3 if cpu else 0.85)
@@ -179,7 +179,7 @@ def engine(model_path: str, opts: EngineOptions, enable_lora: bool) -> tuple[Any
     if opts.distributed_executor_backend:
         kwargs["distributed_executor_backend"] = opts.distributed_executor_backend
     kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
-    if opts.head_dtype != "model" and opts.head_dtype != opts.dtype:
+    if opts.head_dtype != opts.dtype:
         kwargs["hf_overrides"] = {"head_dtype": opts.head_dtype}
     if enable_lora:
         kwargs.update(enable_lora=True, max_lora_rank=opts.max_lora_rank, max_loras=1)
@@ -269,7 +269,7 @@ class VLLMBackend:
             "adapter_served_as": None if adapter is None else ("lora" if enable_lora else "merged"),
             "device": device,
             "dtype": opts.dtype,
-            "head_dtype": opts.dtype if opts.head_dtype == "model" else opts.head_dtype,
+            "head_dtype": opts.head_dtype,
             "tensor_parallel_size": opts.tensor_parallel_size,
             "pipeline_parallel_size": opts.pipeline_parallel_size,
             "enforce_eager": opts.enforce_eager,
