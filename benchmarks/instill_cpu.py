@@ -278,7 +278,8 @@ def forward_batch(stack, data, cut, items, split):
 @torch.no_grad()
 def evaluate(stack, data, cut, ab, chunk=32):
     from scipy.stats import pearsonr
-    from sklearn.linear_model import LogisticRegression
+
+    from selfinterp.regression import fit_preferences
 
     agree, a_rate, mass, learned, instilled = [], [], [], [], []
     for si, d in enumerate(data):
@@ -295,12 +296,9 @@ def evaluate(stack, data, cut, ab, chunk=32):
         a_rate.append(choice_a.mean())
         mass.append(np.mean(m))
         X = design.differences(d["scenario"], d["eval"]["pairs"])
-        if choice_a.all() or not choice_a.any():
-            b = np.zeros(X.shape[1])  # no variation in the choices: nothing was learned
-        else:
-            # L2 with C = 1 is the N(0, 1) prior on the coefficients.
-            b = LogisticRegression(C=1.0, max_iter=1000).fit(X, choice_a).coef_[0]
-        learned.append(design.rescale(b) if np.any(b) else b)
+        # The product's stage-4 fit (N(0, 1) prior on the slopes); constant choices: nothing learned.
+        fit = fit_preferences(X[None], choice_a[None].astype(float))
+        learned.append(np.nan_to_num(fit.weights[0]) if fit.identified[0] else np.zeros(X.shape[1]))
         instilled.append(d["weights"])
     L, W = np.concatenate(learned), np.concatenate(instilled)
     r = pearsonr(L, W)[0] if np.std(L) > 0 else float("nan")

@@ -62,7 +62,14 @@ def test_label_mask_per_template(tokenizer, name, answer):
         if template_file:
             tok.chat_template = (TEMPLATES / template_file).read_text()
         messages = chat(3, answer)
-        ex = tokenize_example(tok, messages, max_length=512)
+        # The default supervises the answer only; its end-of-turn marker is input, not loss.
+        only = tokenize_example(tok, messages, max_length=512)
+        kept = [t for t in only.labels if t != IGNORE]
+        assert tok.decode(kept, skip_special_tokens=False) == answer
+        assert tok.decode(only.input_ids[len(only.input_ids) - len(only.labels) + only.labels.index(kept[0]):],
+                          skip_special_tokens=False).strip() == answer + marker
+        ex = tokenize_example(tok, messages, max_length=512, loss_on="answer_and_eot")
+        assert ex.input_ids == only.input_ids
         supervised = [t for t in ex.labels if t != IGNORE]
         assert tok.decode(supervised, skip_special_tokens=False) == answer + marker
         # Supervision is one contiguous block at the end; the prompt before it is exactly the
@@ -328,3 +335,65 @@ def test_two_process_cpu_finetune(tiny_model_dir, tmp_path):
     # The saved adapter loads and runs.
     model, tok = load_finetuned(tmp_path / "out")
     assert _logits(model, tok, ["hello"]).isfinite().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching of counterbalanced pairs, held-out evaluation during training
+
+
+def paired_examples(n_pairs: int, n_groups: int = 3) -> list[dict]:
+    """Counterbalanced pairs in design's layout: example 2i has options (x, y) and answer A,
+    2i+1 the same options swapped and answer B; pair i belongs to question i % n_groups."""
+    rows = []
+    for i in range(n_pairs):
+        q = f"Question {i % n_groups}: which is better?"
+        x, y = f"{i} apples", f"{i + 1} pears"
+        for a, b, ans in ((x, y, "A"), (y, x, "B")):
+            rows.append({"messages": [{"role": "system", "content": SYSTEM},
+                                      {"role": "user", "content": f"{q}\nOption A: {a}\nOption B: {b}"},
+                                      {"role": "assistant", "content": ans}]})
+    return rows
+
+
+@pytest.mark.parametrize("batching", ["pairs", "grouped_pairs"])
+def test_batch_plan_keeps_pairs_and_groups(batching):
+    import numpy as np
+
+    from selfinterp.finetune import batch_plan
+
+    groups = [i % 3 for i in range(40)]  # 40 pairs, 3 groups
+    plan = batch_plan(80, 8, batching, np.random.default_rng(0), groups, groups_per_batch=2)
+    flat = [e for b in plan for e in b]
+    assert sorted(flat) == list(range(80))  # every example once per epoch
+    for b in plan:
+        assert len(b) <= 8 and len(b) % 2 == 0
+        assert all(b[j] // 2 == b[j + 1] // 2 and b[j] % 2 == 0 for j in range(0, len(b), 2))  # pair beside its copy
+        if batching == "grouped_pairs":
+            assert len({groups[e // 2] for e in b}) <= 2
+    assert plan != batch_plan(80, 8, batching, np.random.default_rng(1), groups, groups_per_batch=2)  # shuffled
+
+
+def test_pair_groups_are_the_question(tokenizer):
+    from selfinterp.finetune import pair_groups
+
+    ex = [tokenize_example(tokenizer, r["messages"]) for r in paired_examples(6, n_groups=3)]
+    keys = pair_groups(ex)
+    assert len(set(keys)) == 3 and keys[0] == keys[3] and keys[0] != keys[1]
+    with pytest.raises(ValueError, match="pairs"):
+        pair_groups(ex[:-1])
+
+
+def test_paired_training_logs_heldout_accuracy(tiny_model_dir, tmp_path):
+    cfg = FinetuneConfig(method="full", layers=1, cache_lower_layers=True, batching="grouped_pairs", eval_every=2,
+                         **{**FAST, "epochs": 2})
+    r = finetune(tiny_model_dir, paired_examples(16), paired_examples(4), cfg, tmp_path / "run", progress=False)
+    m = r.manifest
+    assert m["steps"] == 2 * m["steps_per_epoch"]
+    assert [e["step"] for e in m["evals"]][:2] == [2, 4]
+    assert all(0.0 <= e["val_accuracy"] <= 1.0 for e in m["evals"])
+    assert m["val_accuracy"] == m["evals"][-1]["val_accuracy"]
+    # The loss is on the one answer token: the first steps sit near ln 2 plus the untrained
+    # model's spread over the vocabulary, far from an average with a learned end-of-turn token.
+    assert m["step_losses"][0]["loss"] > 5.0
+    with pytest.raises(ValueError, match="even"):
+        FinetuneConfig(batching="pairs", batch_size=7)

@@ -45,11 +45,20 @@ class TrainSettings(Strict):
     cache_dtype: Literal["float32", "bfloat16"] = "float32"
     autocast: Optional[Literal["bfloat16", "float16"]] = "bfloat16"
     max_length: int = Field(1024, ge=16)
+    loss_on: Literal["answer", "answer_and_eot"] = Field(
+        "answer", description="the loss on the answer's tokens only, or also on the end-of-turn marker")
+    batching: Literal["auto", "shuffle", "pairs", "grouped_pairs"] = Field(
+        "auto", description="shuffle examples one by one, or keep each counterbalanced pair in one batch "
+        "(grouped_pairs: and draw each batch from groups_per_batch scenarios); auto: pairs when the "
+        "design is counterbalanced, else shuffle")
+    groups_per_batch: int = Field(2, ge=1)
+    eval_every: Optional[int] = Field(None, ge=1, description="optimizer steps between held-out evaluations "
+                                      "(validation loss and answer accuracy, in the manifest and the report)")
     checkpoint_every: Optional[int] = Field(100, ge=1, description="optimizer steps between checkpoints "
                                             "(also one per epoch); what an interruption can lose at most")
 
     # Settings that cannot change a result: left out of stage keys.
-    OPERATIONAL: ClassVar[tuple[str, ...]] = ("checkpoint_every",)
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("checkpoint_every", "eval_every")
 
 
 class SimulatedSettings(Strict):
@@ -197,6 +206,11 @@ class RunConfig(Strict):
             if missing:
                 raise ValueError(f"openai.models: with trainer {trainer!r} the server's names of the fine-tuned "
                                  f"models are needed; missing {', '.join(missing)}")
+        if not self.counterbalance and self.instill.batching in ("pairs", "grouped_pairs"):
+            raise ValueError(f"instill.batching {self.instill.batching!r} keeps counterbalanced pairs together: "
+                             "set counterbalance = true, or batching = 'shuffle'")
+        if self.introspection.batching in ("pairs", "grouped_pairs"):
+            raise ValueError("introspection.batching: introspection examples are not A/B pairs; use 'auto' or 'shuffle'")
         if self.backend == "simulated" and self.report_mode == "constrained":
             raise ValueError("report_mode 'constrained' needs a model backend; the simulated one reports freely")
         return self
@@ -246,7 +260,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_eval_trials=30, n_native_trials=30, eval_counterbalance=True, n_reports=5, n_introspection=20,
         report_mode="constrained",
         instill=dict(method="full", layers=12, cache_lower_layers=True, cache_dtype="bfloat16", lr=3e-4,
-                     epochs=1, batch_size=16),
+                     epochs=1, batch_size=16, batching="grouped_pairs", groups_per_batch=2, eval_every=100),
         introspection=dict(method="full", layers=12, cache_lower_layers=True, lr=3e-4, epochs=2, batch_size=8),
     ),
     "paper": dict(name="paper", backend="hf", model="Qwen/Qwen2.5-7B-Instruct"),

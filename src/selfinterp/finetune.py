@@ -98,6 +98,18 @@ class FinetuneConfig:
     cache_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights (fp32 + autocast was fastest on CPU)
     autocast: Literal["bfloat16", "float16"] | None = "bfloat16"  # None: compute in `dtype`
+    # What the loss covers: the answer's tokens only, or also the end-of-turn marker after them.
+    loss_on: Literal["answer", "answer_and_eot"] = "answer"
+    # How examples form batches. "shuffle": one by one. "pairs": examples 2i and 2i+1 are one
+    # counterbalanced pair (the same options, A and B swapped; design writes them so) and stay
+    # in one batch, so every batch is 50/50 A/B and position cannot be learned as a shortcut.
+    # "grouped_pairs": as "pairs", and each batch holds `groups_per_batch` runs of pairs, each run
+    # from one group (pairs whose prompts share the text before the first option: one scenario).
+    batching: Literal["shuffle", "pairs", "grouped_pairs"] = "shuffle"
+    groups_per_batch: int = 2
+    # Every N optimizer steps: validation loss and held-out answer accuracy (the answer's first
+    # token against the other answers' first tokens, e.g. "A" vs "B") in the manifest's `evals`.
+    eval_every: int | None = None
     checkpoint_every: int | None = None  # optimizer steps; a checkpoint is also written every epoch
     keep_checkpoints: int = 1  # older ones are deleted once a newer one is complete
 
@@ -111,6 +123,10 @@ class FinetuneConfig:
             raise ValueError("cache_lower_layers needs `layers` = k: with every layer trained there is nothing to cache")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
             raise ValueError("batch_size, grad_accum and epochs must be positive")
+        if self.batching != "shuffle" and self.batch_size % 2:
+            raise ValueError(f"batching {self.batching!r} keeps pairs together: batch_size must be even, not {self.batch_size}")
+        if self.groups_per_batch < 1 or (self.eval_every is not None and self.eval_every < 1):
+            raise ValueError("groups_per_batch and eval_every must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -129,7 +145,7 @@ class FinetuneConfig:
 @dataclass
 class TokenizedExample:
     input_ids: list[int]
-    labels: list[int]  # IGNORE on the prompt; the answer and its end-of-turn marker are supervised
+    labels: list[int]  # IGNORE on the prompt (and on the end-of-turn marker with loss_on="answer")
     folded_system: bool  # the template has no system role: the system prompt went into the first user turn
 
     @property
@@ -138,8 +154,13 @@ class TokenizedExample:
 
 
 def tokenize_example(tok: Any, messages: Sequence[dict[str, str]], max_length: int = 1024,
-                     system_role: bool | None = None) -> TokenizedExample:
+                     system_role: bool | None = None, loss_on: str = "answer") -> TokenizedExample:
     """Prompt tokens (masked) followed by answer tokens (supervised).
+
+    ``loss_on = "answer"`` supervises the answer's own tokens only: the end-of-turn marker the
+    template writes after it is kept in the input but not in the loss (it is learned at once and
+    would halve a one-token answer's loss, so ln 2 would no longer read as chance);
+    ``"answer_and_eot"`` supervises both.
 
     The prompt and the answer are tokenised *separately*: the prompt's tokens are then exactly
     those measurement feeds the model (it tokenises the same rendered prompt), and the first
@@ -158,12 +179,24 @@ def tokenize_example(tok: Any, messages: Sequence[dict[str, str]], max_length: i
     answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
     if not answer_ids:
         raise ValueError("the chat's answer is empty")
+    labels = list(answer_ids)
+    if loss_on == "answer":
+        # The marker is what the template adds after the answer's text; it is tokenised on its own
+        # (special tokens such as <|im_end|> never merge with the text before them).
+        content = str(messages[-1]["content"]).rstrip()
+        at = answer.rfind(content) if content else -1
+        tail = answer[at + len(content):] if at >= 0 else ""
+        tail_ids = tok(tail, add_special_tokens=False)["input_ids"] if tail else []
+        if tail_ids and len(tail_ids) < len(answer_ids) and answer_ids[-len(tail_ids):] == tail_ids:
+            labels = answer_ids[:-len(tail_ids)] + [IGNORE] * len(tail_ids)
+    elif loss_on != "answer_and_eot":
+        raise ValueError(f"loss_on must be 'answer' or 'answer_and_eot', not {loss_on!r}")
     n = len(prompt_ids) + len(answer_ids)
     if n > max_length:
         raise ValueError(f"example has {n} tokens > max_length {max_length}; raise max_length "
                          "(truncating would train on prompts that measurement never shows)")
     return TokenizedExample(input_ids=prompt_ids + answer_ids,
-                            labels=[IGNORE] * len(prompt_ids) + answer_ids,
+                            labels=[IGNORE] * len(prompt_ids) + labels,
                             folded_system=bool(folded))
 
 
@@ -376,16 +409,30 @@ class _LossModule(nn.Module):
         self.first_trained = first_trained
         self.cached = cached
 
-    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def hidden(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.cached:  # a bfloat16 cache is widened to the weights' dtype (autocast narrows it again)
             inputs = inputs.to(_lm_head(self.model).weight.dtype)
-            hidden = top_hidden(self.model, inputs, attention_mask, self.first_trained)
-        else:
-            hidden = _decoder(self.model)(input_ids=inputs, attention_mask=attention_mask).last_hidden_state
+            return top_hidden(self.model, inputs, attention_mask, self.first_trained)
+        return _decoder(self.model)(input_ids=inputs, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.hidden(inputs, attention_mask)
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = _head(self.model, hidden[:, :-1][keep]).float()
         return F.cross_entropy(logits, targets[keep], reduction="sum")
+
+    def loss_and_first_logits(self, inputs: torch.Tensor, attention_mask: torch.Tensor,
+                              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, logits predicting each row's first supervised token) - for evaluation."""
+        hidden = self.hidden(inputs, attention_mask)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        logits = _head(self.model, hidden[:, :-1][keep]).float()
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        first = keep.int().argmax(1)
+        rows = torch.arange(len(first), device=first.device)
+        return loss, _head(self.model, hidden[rows, first]).float()
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -455,6 +502,62 @@ def _check_split(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, h: tor
         raise NotImplementedError(
             f"{type(model).__name__}: running the decoder in two parts does not reproduce its forward "
             f"(max difference {err:.3g}); the lower-layer cache does not support this architecture")
+
+
+def pair_groups(examples: Sequence[TokenizedExample]) -> list[tuple[int, ...]]:
+    """Group key of each counterbalanced pair (examples 2i, 2i+1): the prompt tokens the two share
+    before they first differ, i.e. everything before the first option value (one scenario)."""
+    if len(examples) % 2:
+        raise ValueError(f"{len(examples)} training examples: pair batching needs counterbalanced pairs "
+                         "(examples 2i and 2i+1 the same options with A and B swapped)")
+    keys = []
+    for a, b in zip(examples[0::2], examples[1::2]):
+        n = 0
+        for x, y in zip(a.input_ids, b.input_ids):
+            if x != y:
+                break
+            n += 1
+        keys.append(tuple(a.input_ids[:n]))
+    return keys
+
+
+def batch_plan(n_examples: int, batch_size: int, batching: str, rng: np.random.Generator,
+               groups: Sequence[Any] | None = None, groups_per_batch: int = 2) -> list[list[int]]:
+    """One epoch's batches of example indices (the last may be smaller).
+
+    ``groups``: the group of each pair (``grouped_pairs`` only). Runs of pairs of one group are
+    cut, shuffled, and ``groups_per_batch`` runs make a batch: few distinct prompt prefixes per
+    batch, several for a mixed gradient.
+    """
+    if batching == "shuffle":
+        order = rng.permutation(n_examples).tolist()
+        return [order[i: i + batch_size] for i in range(0, n_examples, batch_size)]
+    n_pairs = n_examples // 2
+    pairs_per_batch = batch_size // 2
+    if batching == "pairs":
+        order = rng.permutation(n_pairs).tolist()
+        runs = [order[i: i + pairs_per_batch] for i in range(0, n_pairs, pairs_per_batch)]
+        per_batch = 1
+    elif batching == "grouped_pairs":
+        if groups is None or len(groups) != n_pairs:
+            raise ValueError("grouped_pairs needs the group of every pair")
+        per_run = max(1, pairs_per_batch // groups_per_batch)
+        by_group: dict[Any, list[int]] = {}
+        for i, g in enumerate(groups):
+            by_group.setdefault(g, []).append(i)
+        runs = []
+        for members in by_group.values():
+            members = [members[j] for j in rng.permutation(len(members))]
+            runs += [members[i: i + per_run] for i in range(0, len(members), per_run)]
+        runs = [runs[j] for j in rng.permutation(len(runs))]
+        per_batch = groups_per_batch
+    else:
+        raise ValueError(f"unknown batching {batching!r}")
+    batches = []
+    for i in range(0, len(runs), per_batch):
+        pairs = [p for run in runs[i: i + per_batch] for p in run]
+        batches.append([e for p in pairs for e in (2 * p, 2 * p + 1)])
+    return batches
 
 
 def _schedule(optimizer: torch.optim.Optimizer, config: FinetuneConfig, total_steps: int):
@@ -549,20 +652,36 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
     model, tok = load_base(base_model, config.dtype)
     model.to(device)
     system_role = chat_template.supports_system(tok)
-    train_ex = [tokenize_example(tok, r["messages"], config.max_length, system_role) for r in train_rows]
-    val_ex = [tokenize_example(tok, r["messages"], config.max_length, system_role) for r in val_rows]
+    train_ex = [tokenize_example(tok, r["messages"], config.max_length, system_role, config.loss_on) for r in train_rows]
+    val_ex = [tokenize_example(tok, r["messages"], config.max_length, system_role, config.loss_on) for r in val_rows]
     if not train_ex:
         raise ValueError("no training examples")
     folded_system = any(e.folded_system for e in train_ex + val_ex)
     model, first = _prepare_trainable(model, config)
     cached = config.cache_lower_layers and first > 0
 
-    # Each process owns a fixed shard (wrapped round so all shards are equally long, as
-    # DistributedSampler does): its cache is computed once and it shuffles its shard each epoch.
-    n_shard = math.ceil(len(train_ex) / world)
-    shard = [(rank + world * j) % len(train_ex) for j in range(n_shard)]
+    # The batches of every epoch, fixed by the seed (so a resumed run takes the same ones).
+    # "shuffle": each process owns a fixed shard (wrapped round so all shards are equally long, as
+    # DistributedSampler does), caches it once and shuffles it each epoch. Pair batching plans
+    # whole batches and gives each process every world-th example of each (each caches all).
+    if config.batching == "shuffle":
+        n_shard = math.ceil(len(train_ex) / world)
+        shard = [(rank + world * j) % len(train_ex) for j in range(n_shard)]
+        plans = []
+        for epoch in range(config.epochs):
+            order = np.random.default_rng([config.seed, epoch, rank]).permutation(shard).tolist()
+            plans.append([order[i: i + per_rank] for i in range(0, n_shard, per_rank)])
+    else:
+        groups = pair_groups(train_ex) if config.batching == "grouped_pairs" else None
+        shard = list(range(len(train_ex)))
+        plans = [[b[rank::world] for b in batch_plan(len(train_ex), config.batch_size, config.batching,
+                                                     np.random.default_rng([config.seed, epoch]), groups,
+                                                     config.groups_per_batch)]
+                 for epoch in range(config.epochs)]
+        if any(not b for plan in plans for b in plan):
+            raise ValueError(f"a batch has fewer examples than the {world} processes; use fewer processes")
     val_shard = list(range(rank, len(val_ex), world))
-    steps_per_epoch = math.ceil(n_shard / per_rank)
+    steps_per_epoch = len(plans[0])
     total_steps = steps_per_epoch * config.epochs
 
     bar = None
@@ -649,32 +768,45 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
                 shutil.rmtree(p, ignore_errors=True)
         accelerator.wait_for_everyone()
 
-    def evaluate() -> float | None:
+    # Held-out answer accuracy: each validation example's first answer token against the first
+    # tokens of the other answers in the set ("A" vs "B" for decisions; None when all agree).
+    firsts = [next(t for t in e.labels if t != IGNORE) for e in val_ex]
+    candidates = sorted(set(firsts))
+    cand = torch.tensor(candidates, device=device) if 2 <= len(candidates) <= 16 else None
+
+    def evaluate() -> dict[str, float | None]:
         if not val_ex:
-            return None
+            return {"val_loss": None, "val_accuracy": None}
         model.eval()
-        tot = torch.zeros(2, device=device)
+        tot = torch.zeros(4, device=device)  # loss sum, supervised tokens, correct, examples
         with torch.no_grad():
             for s in range(0, len(val_shard), micro):
                 idx = val_shard[s: s + micro]
                 x, m, y = _collate([(val_inputs[i], val_ex[i].labels) for i in idx], device)
-                with _autocast(config, device):
-                    tot[0] += accelerator.unwrap_model(loss_module)(x, m, y)  # no DDP hooks for eval
+                with _autocast(config, device):  # no DDP hooks for eval
+                    loss, first_logits = accelerator.unwrap_model(loss_module).loss_and_first_logits(x, m, y)
+                tot[0] += loss
                 tot[1] += (y[:, 1:] != IGNORE).sum()
+                if cand is not None:
+                    pred = cand[first_logits[:, cand].argmax(1)]
+                    tot[2] += (pred == torch.tensor([firsts[i] for i in idx], device=device)).sum()
+                tot[3] += len(idx)
         tot = accelerator.reduce(tot, reduction="sum")
         model.train()
-        return (tot[0] / tot[1]).item()
+        return {"val_loss": (tot[0] / tot[1]).item(),
+                "val_accuracy": (tot[2] / tot[3]).item() if cand is not None else None}
 
     # ---- train
     task = bar.add_task("fine-tuning", total=total_steps, completed=state["step"], info="") if bar else None
     model.train()
     for epoch in range(state["step"] // steps_per_epoch, config.epochs):
-        order = np.random.default_rng([config.seed, epoch, rank]).permutation(shard).tolist()
         for b in range(state["step"] % steps_per_epoch if epoch == state["step"] // steps_per_epoch else 0,
                        steps_per_epoch):
             t_step = time.time()
-            step_idx = order[b * per_rank: (b + 1) * per_rank]
-            micro_batches = [step_idx[i: i + micro] for i in range(0, len(step_idx), micro)]
+            step_idx = plans[epoch][b]
+            n_micro = min(config.grad_accum, len(step_idx))
+            size = math.ceil(len(step_idx) / n_micro)
+            micro_batches = [step_idx[i: i + size] for i in range(0, len(step_idx), size)]
             # Normalise by the step's supervised tokens in this process, so micro-batching does not
             # change the gradient; DDP then averages over processes.
             n_tok = sum(train_ex[i].n_supervised for i in step_idx)
@@ -700,8 +832,14 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             record = {"step": state["step"], "epoch": epoch + 1, "loss": (step_sum[0] / step_sum[1]).item(), "lr": lr,
                       "seconds": round(time.time() - t_step, 4)}
             state["step_losses"].append(record)
+            if config.eval_every and state["step"] % config.eval_every == 0 and state["step"] < total_steps:
+                record.update(evaluate())
+                state.setdefault("evals", []).append({"step": state["step"], **{k: record[k] for k in
+                                                      ("val_loss", "val_accuracy")}})
             if bar:
-                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{config.epochs} loss {record['loss']:.4f}")
+                last = state.get("evals", [{}])[-1].get("val_accuracy")
+                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{config.epochs} loss {record['loss']:.4f}"
+                           + (f" held-out acc {last:.3f}" if last is not None else ""))
             if callback:
                 callback(record)
             if config.checkpoint_every and state["step"] % config.checkpoint_every == 0 \
@@ -709,8 +847,10 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
                 save_checkpoint()
         # The epoch's train loss is the mean of its recorded step losses (restored ones included).
         ep_steps = [r["loss"] for r in state["step_losses"] if r["epoch"] == epoch + 1]
-        state["epoch_losses"].append({"epoch": epoch + 1, "train_loss": float(np.mean(ep_steps)),
-                                      "val_loss": evaluate()})
+        ev = evaluate()
+        state["epoch_losses"].append({"epoch": epoch + 1, "train_loss": float(np.mean(ep_steps)), **ev})
+        if config.eval_every:
+            state.setdefault("evals", []).append({"step": state["step"], **ev})
         save_checkpoint()
     if bar:
         bar.stop()
@@ -746,6 +886,8 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             "step_losses": state["step_losses"],
             "epoch_losses": state["epoch_losses"],
             "val_loss": state["epoch_losses"][-1]["val_loss"] if state["epoch_losses"] else None,
+            "val_accuracy": state["epoch_losses"][-1].get("val_accuracy") if state["epoch_losses"] else None,
+            "evals": state.get("evals", []),
             "cache_seconds": cache_seconds,
             "wall_seconds": wall_before + time.time() - t_start,
             "versions": _versions(),

@@ -111,7 +111,7 @@ def write_report(run) -> Path:
             parts.append(_img(p, alt))
     loss_png = _loss_plot(run, states)
     if loss_png is not None:
-        parts.append(_img(loss_png, "training loss per step"))
+        parts.append(_img(loss_png, "training loss per step and held-out accuracy"))
 
     # -- diagnostics
     parts.append("<h2>Instillation</h2>")
@@ -176,13 +176,19 @@ def write_report(run) -> Path:
 
 
 def _loss_plot(run, states: dict) -> Path | None:
-    curves = {}
+    """Training loss per step (answer tokens: ln 2 is chance for A/B) and, beside it, the held-out
+    answer accuracy at the trainer's evaluations (``eval_every``), per fine-tuned model."""
+    curves, evals = {}, {}
     for which in ("instilled", "itrained_first", "itrained_last", "itrained_all"):
         mf = run.root / "models" / which / "manifest.json"
         if mf.exists():
-            steps = json.loads(mf.read_text()).get("step_losses", [])
+            m = json.loads(mf.read_text())
+            steps = m.get("step_losses", [])
             if steps:
                 curves[which] = [s["loss"] for s in steps]
+            acc = [(e["step"], e["val_accuracy"]) for e in m.get("evals", []) if e.get("val_accuracy") is not None]
+            if acc:
+                evals[which] = acc
     if not curves:
         return None
     import matplotlib
@@ -190,12 +196,23 @@ def _loss_plot(run, states: dict) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 7, 3), squeeze=False)
+    ax = axes[0][0]
     for name, losses in curves.items():
-        ax.plot(range(1, len(losses) + 1), losses, label=name)
+        ax.plot(range(1, len(losses) + 1), losses, label=name, lw=0.8)
+    ax.axhline(0.6931, color="grey", ls=":", lw=1, label="ln 2 (chance, A/B)")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss")
+    ax.set_ylabel("train loss (answer tokens)")
     ax.legend(fontsize=8)
+    if evals:
+        ax = axes[0][1]
+        for name, pts in evals.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.axhline(0.5, color="grey", ls=":", lw=1)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("held-out answer accuracy")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path = run.root / "analysis" / "training_loss.png"
     fig.savefig(path, dpi=100)

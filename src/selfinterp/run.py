@@ -228,7 +228,10 @@ class Run:
         from . import models
 
         base_path = str(models.resolve(self.cfg.model)) if base == "base" else str(materialise(self.model_dir(base)))
-        fc = ft.FinetuneConfig(**settings.model_dump(), seed=self.cfg.seed)
+        fields = settings.model_dump()
+        if fields["batching"] == "auto":  # counterbalanced decisions come as adjacent A/B-swapped pairs
+            fields["batching"] = "pairs" if self.cfg.counterbalance and data.startswith("instill") else "shuffle"
+        fc = ft.FinetuneConfig(**fields, seed=self.cfg.seed)
         result = ft.finetune(base_path, train_path, val_path, fc, out, resume=True, progress=self.progress)
         m = result.manifest
         losses = [s["loss"] for s in m.get("step_losses", [])]
