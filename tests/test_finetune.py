@@ -373,14 +373,26 @@ def test_batch_plan_keeps_pairs_and_groups(batching):
     assert plan != batch_plan(80, 8, batching, np.random.default_rng(1), groups, groups_per_batch=2)  # shuffled
 
 
-def test_pair_groups_are_the_question(tokenizer):
+def test_pair_groups_are_the_question():
+    from selfinterp import design, prompts, scenarios
     from selfinterp.finetune import pair_groups
 
-    ex = [tokenize_example(tokenizer, r["messages"]) for r in paired_examples(6, n_groups=3)]
-    keys = pair_groups(ex)
+    rows = paired_examples(6, n_groups=3)
+    keys = pair_groups(rows)
     assert len(set(keys)) == 3 and keys[0] == keys[3] and keys[0] != keys[1]
     with pytest.raises(ValueError, match="pairs"):
-        pair_groups(ex[:-1])
+        pair_groups(rows[:-1])
+    # The design's own prompts: values that share leading digits, or equal first values, must not
+    # split a scenario into several groups.
+    bank = scenarios.load_bank()[:3]
+    w = {s.id: design.draw_weights(s, 0) for s in bank}
+    ex = design.instillation_examples(bank, w, 60, 0, counterbalance=True)
+    assert len(set(pair_groups(ex))) == 3
+    s = bank[0]
+    same_first = [(tuple([1.0] + [2.0] * (s.k - 1)), tuple([1.0] + [3.0] * (s.k - 1))),
+                  ((5.0,) * s.k, (6.0,) * s.k)]
+    ex = [{"messages": prompts.decision_chat(s, a, b, "A")} for a, b in same_first for a, b in ((a, b), (b, a))]
+    assert len(set(pair_groups(ex))) == 1
 
 
 def test_paired_training_logs_heldout_accuracy(tiny_model_dir, tmp_path):

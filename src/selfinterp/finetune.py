@@ -504,21 +504,31 @@ def _check_split(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, h: tor
             f"(max difference {err:.3g}); the lower-layer cache does not support this architecture")
 
 
-def pair_groups(examples: Sequence[TokenizedExample]) -> list[tuple[int, ...]]:
-    """Group key of each counterbalanced pair (examples 2i, 2i+1): the prompt tokens the two share
-    before they first differ, i.e. everything before the first option value (one scenario)."""
-    if len(examples) % 2:
-        raise ValueError(f"{len(examples)} training examples: pair batching needs counterbalanced pairs "
+def pair_groups(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The group of each counterbalanced pair (examples 2i, 2i+1): the scenario its prompt asks.
+
+    A pair's members share their prompt up to the first option value. That shared text, cut
+    after its last line break, is the group's key; a key that extends another one (the first
+    values happened to be equal, so more lines were shared) joins the shorter key's group.
+    """
+    if len(rows) % 2:
+        raise ValueError(f"{len(rows)} training examples: pair batching needs counterbalanced pairs "
                          "(examples 2i and 2i+1 the same options with A and B swapped)")
-    keys = []
-    for a, b in zip(examples[0::2], examples[1::2]):
-        n = 0
-        for x, y in zip(a.input_ids, b.input_ids):
-            if x != y:
-                break
-            n += 1
-        keys.append(tuple(a.input_ids[:n]))
-    return keys
+
+    def prompt_text(row: dict[str, Any]) -> str:
+        return "\n".join(str(m["content"]) for m in row["messages"][:-1])
+
+    raw = []
+    for a, b in zip(rows[0::2], rows[1::2]):
+        x, y = prompt_text(a), prompt_text(b)
+        n = next((i for i, (c, d) in enumerate(zip(x, y)) if c != d), min(len(x), len(y)))
+        raw.append(x[: x.rfind("\n", 0, n) + 1])
+    roots: list[str] = []
+    for key in sorted(set(raw), key=len):
+        if not any(key.startswith(r) for r in roots):
+            roots.append(key)
+    root_of = {key: next(r for r in roots if key.startswith(r)) for key in set(raw)}
+    return [root_of[k] for k in raw]
 
 
 def batch_plan(n_examples: int, batch_size: int, batching: str, rng: np.random.Generator,
@@ -672,7 +682,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             order = np.random.default_rng([config.seed, epoch, rank]).permutation(shard).tolist()
             plans.append([order[i: i + per_rank] for i in range(0, n_shard, per_rank)])
     else:
-        groups = pair_groups(train_ex) if config.batching == "grouped_pairs" else None
+        groups = pair_groups(train_rows) if config.batching == "grouped_pairs" else None
         shard = list(range(len(train_ex)))
         plans = [[b[rank::world] for b in batch_plan(len(train_ex), config.batch_size, config.batching,
                                                      np.random.default_rng([config.seed, epoch]), groups,
