@@ -165,6 +165,24 @@ def test_generation_without_json_runs_to_the_token_limit(backend, bank):
     assert backend.generate(chats[:1], max_new_tokens=5, stop_at_json=False) == texts[:1]
 
 
+def test_sampled_generation_depends_on_each_chats_own_seed_not_its_batch(backend, bank):
+    """Issue 12: one generator per row, so a resumed run (other batches) samples the same replies."""
+    chats = decision_chats(bank, 3, 2)
+    seeds = [101, 7, 2 ** 31 - 1, 0, 55, 3]
+    kw = dict(max_new_tokens=6, stop_at_json=False, temperature=1.5)
+    whole = backend.generate(chats, seed=seeds, **kw)
+    assert backend.generate(chats, seed=seeds, **kw) == whole
+    assert [backend.generate([c], seed=[sd], **kw)[0] for c, sd in zip(chats, seeds)] == whole
+    assert backend.generate(chats[::-1], seed=seeds[::-1], **kw)[::-1] == whole
+    assert backend.generate(chats, seed=[sd + 1 for sd in seeds], **kw) != whole  # the seed does matter
+    assert backend.generate(chats, seed=[5] * 6, max_new_tokens=6, stop_at_json=False, temperature=1.5,
+                            top_p=0.5) is not None
+    names = [s.attribute_names for s in bank[:3] for _ in range(2)]
+    reports = backend.constrained_reports(chats, names, temperature=1.5, seed=seeds)
+    assert [backend.constrained_reports([c], [n], temperature=1.5, seed=[sd])[0] for c, n, sd in
+            zip(chats, names, seeds)] == reports
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.5])
 def test_constrained_reports_always_parse(backend, bank, temperature):
     chats, names = [], []

@@ -25,6 +25,7 @@ resumes without repeating them, and fine-tuning resumes from its last checkpoint
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -290,8 +291,8 @@ class Run:
         return bar(f"  {title}", console=self.console, disable=not self.progress)
 
     def _call_in_batches(self, which: str, title: str, items: Sequence[tuple], journal: Journal,
-                         call: Callable[[Any, Sequence[tuple], int], list[dict]]) -> None:
-        """``call(backend, batch, start)`` over the items (keyed by their first element) that the
+                         call: Callable[[Any, Sequence[tuple]], list[dict]]) -> None:
+        """``call(backend, batch)`` over the items (keyed by their first element) that the
         journal does not hold yet, recording each batch's results as soon as they arrive. The model
         is loaded only if there is something left to do."""
         todo = [it for it in items if it[0] not in journal]
@@ -301,7 +302,7 @@ class Run:
                 task = bar.add_task("", total=len(items), completed=len(items) - len(todo))
                 for start in range(0, len(todo), self.cfg.batch_size):
                     batch = todo[start:start + self.cfg.batch_size]
-                    journal.record_many(zip((it[0] for it in batch), call(backend, batch, start)))
+                    journal.record_many(zip((it[0] for it in batch), call(backend, batch)))
                     bar.update(task, advance=len(batch))
             del backend
         journal.close()
@@ -315,7 +316,7 @@ class Run:
                 items.append((f"{s.id}:{i}", s, p))
         journal = self.journal("choices")
 
-        def score(backend, batch, start):
+        def score(backend, batch):
             probs = backend.choice_probs([prompts.decision_chat(s, p.a, p.b) for _, s, p in batch])
             return [{"p_a": float(pa), "mass": float(m)} for pa, m in zip(probs.p_a, probs.mass)]
 
@@ -339,21 +340,27 @@ class Run:
                 "_items": items, "_p_a": p_a}
 
     def measure_reports(self, which: str, scenarios: Sequence[Scenario], version: str, out_name: str) -> dict:
-        """Self-reports of a model -> a reports CSV in the paper's layout, raw replies beside it."""
+        """Self-reports of a model -> a reports CSV in the paper's layout, raw replies beside it.
+
+        Each report is sampled with a seed of its own identity (the run's seed, the stage, the
+        scenario, the report's index), so an interrupted and resumed stage, or another batch size,
+        draws exactly the samples an uninterrupted run draws."""
         cfg = self.cfg
         items = []
         for s in scenarios:
             for i, p in enumerate(design.sample_pairs(s, cfg.n_reports, cfg.seed, "report")):
                 items.append((f"{s.id}:{i}", s, p, i))
         journal = self.journal("reports")
+        stage = self.current
 
-        def report(backend, batch, start):
+        def report(backend, batch):
             chats = [prompts.introspection_chat(s, p.a, p.b) for _, s, p, _ in batch]
             if cfg.report_mode == "constrained":
                 texts = [r.text for r in backend.constrained_reports(chats, [s.attribute_names for _, s, _, _ in batch])]
             else:
                 texts = backend.generate(chats, max_new_tokens=cfg.report_max_new_tokens,
-                                         temperature=cfg.report_temperature, seed=cfg.seed + start)
+                                         temperature=cfg.report_temperature,
+                                         seed=[call_seed(cfg.seed, stage, s.id, i) for _, s, _, i in batch])
             return [{"text": t, "mode": cfg.report_mode} for t in texts]
 
         self._call_in_batches(which, f"{which} model reports ({cfg.report_mode})", items, journal, report)
@@ -382,6 +389,14 @@ class Run:
         self.output(raw_path)
         return {"file": out_name, "mode": cfg.report_mode, "n_reports": len(items), "n_parsed": len(rows),
                 "rejected": reasons}
+
+
+def call_seed(*identity: Any) -> int:
+    """The sampling seed of one model call, from what the call is (e.g. the run's seed, the stage,
+    the scenario, the report's index), never from where it falls in a list of calls to do: a
+    stable hash, in [0, 2**31) so that every backend and API takes it."""
+    digest = hashlib.sha256("\0".join(map(str, identity)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (1 << 31)
 
 
 def materialise(finetuned: Path) -> Path:

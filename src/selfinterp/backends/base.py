@@ -78,7 +78,7 @@ class Backend(Protocol):
     def choice_probs(self, chats: Sequence[Messages]) -> ChoiceProbs: ...
 
     def generate(self, chats: Sequence[Messages], max_new_tokens: int = 256, temperature: float = 0.0,
-                 seed: int = 0) -> list[str]: ...
+                 seed: int | Sequence[int] = 0) -> list[str]: ...
 
     def finetune(self, train: Any, val: Any, config: Any, **kwargs: Any) -> ModelRef: ...
 
@@ -89,6 +89,17 @@ class ConstrainedReporter(Protocol):
 
     def constrained_reports(self, chats: Sequence[Messages],
                             attribute_names_per_chat: Sequence[Sequence[str]]) -> list[SelfReport]: ...
+
+
+def call_seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    """One sampling seed per chat of a call: a sequence is taken as is (one per chat, so that a
+    chat's sample depends on its own seed, not on the batch it is in); an int gives seed + index."""
+    if isinstance(seed, (int, np.integer)):
+        return [int(seed) + i for i in range(n)]
+    seeds = [int(x) for x in seed]
+    if len(seeds) != n:
+        raise ValueError(f"{n} chats but {len(seeds)} seeds")
+    return seeds
 
 
 def json_object_end(text: str) -> int | None:

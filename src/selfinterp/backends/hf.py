@@ -34,7 +34,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
 
 from .. import models, prompts
 from ..chat_template import render, supports_system
-from .base import (WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfReport,
+from .base import (WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfReport, call_seeds,
                    json_object_end)
 
 ANSWER_LETTERS = ("A", "B")
@@ -238,27 +238,32 @@ class HFBackend:
 
     @torch.inference_mode()
     def generate(self, chats: Sequence[Messages], max_new_tokens: int = 256, temperature: float = 0.0,
-                 seed: int = 0, top_p: float = 1.0, stop_at_json: bool = True,
+                 seed: int | Sequence[int] = 0, top_p: float = 1.0, stop_at_json: bool = True,
                  logits_processor: Sequence[LogitsProcessor] = ()) -> list[str]:
         """Replies to the chats: greedy by default, seeded sampling when ``temperature > 0``.
+
+        Sampling draws from one generator per chat (:class:`_RowSampler`), seeded by ``seed``: one
+        seed per chat, or an int (seed + index); so a chat's reply depends on its own seed, not on
+        the chats it is batched with.
 
         With ``stop_at_json`` a row stops at the end of its first balanced JSON object (and the
         text is cut there), otherwise at EOS or ``max_new_tokens``. ``logits_processor`` is
         passed to transformers (e.g. to ban tokens); it is created per call, so it sees each
         batch from its first step.
         """
+        seeds = call_seeds(seed, len(chats))
         ids = encode(self.tokenizer, [self.render(c) for c in chats])
         texts = [""] * len(ids)
-        config = self._generation_config(max_new_tokens, temperature, top_p)
-        torch.manual_seed(seed)
+        config = self._generation_config(max_new_tokens, 0.0, top_p)  # sampling, if any, is _RowSampler's
         with self._progress("generating", len(ids)) as advance:
             for batch in _length_batches([len(x) for x in ids], self.batch_size):
                 input_ids, mask = self._pad([ids[i] for i in batch])
                 prompt_len = input_ids.shape[1]
                 stops = StoppingCriteriaList([_JsonObjectStop(self.tokenizer, prompt_len)] if stop_at_json else [])
+                sampler = [_RowSampler([seeds[i] for i in batch], temperature, top_p)] if temperature > 0 else []
                 out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
                                           stopping_criteria=stops,
-                                          logits_processor=LogitsProcessorList(list(logits_processor)))
+                                          logits_processor=LogitsProcessorList(list(logits_processor) + sampler))
                 for row, i in enumerate(batch):
                     text = self.tokenizer.decode(out[row, prompt_len:], skip_special_tokens=True)
                     end = json_object_end(text) if stop_at_json else None
@@ -277,9 +282,10 @@ class HFBackend:
 
     @torch.inference_mode()
     def constrained_reports(self, chats: Sequence[Messages], attribute_names_per_chat: Sequence[Sequence[str]],
-                            temperature: float = 0.0, seed: int = 0) -> list[SelfReport]:
+                            temperature: float = 0.0, seed: int | Sequence[int] = 0) -> list[SelfReport]:
         """Self-reports in the constrained mode: ``{"name1": <n>, ...}`` with only the numbers chosen
         by the model (integers in [-100, 100], greedily by default), so every reply parses.
+        Sampled (``temperature > 0``) with one generator per chat, as in :meth:`generate`.
 
         ``text`` is the filled template as canonical JSON (the model's numbers; spacing normalised).
         """
@@ -290,14 +296,15 @@ class HFBackend:
         plans = [_report_plan(self.tokenizer, names) for names in attribute_names_per_chat]
         reports: list[SelfReport | None] = [None] * len(ids)
         vocab = self.number_vocab()
-        torch.manual_seed(seed)
+        seeds = call_seeds(seed, len(chats))
         with self._progress("constrained reports", len(ids)) as advance:
             for batch in _length_batches([len(x) for x in ids], self.batch_size):
                 input_ids, mask = self._pad([ids[i] for i in batch])
                 filler = _ReportFiller([plans[i] for i in batch], vocab, input_ids.shape[1], eos)
-                config = self._generation_config(filler.max_new_tokens, temperature, 1.0, eos_token_id=eos)
+                config = self._generation_config(filler.max_new_tokens, 0.0, 1.0, eos_token_id=eos)
+                sampler = [_RowSampler([seeds[i] for i in batch], temperature, 1.0)] if temperature > 0 else []
                 self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
-                                    logits_processor=LogitsProcessorList([filler]))
+                                    logits_processor=LogitsProcessorList([filler] + sampler))
                 for row, i in enumerate(batch):
                     names = list(attribute_names_per_chat[i])
                     values = filler.values(row)
@@ -329,6 +336,37 @@ class HFBackend:
             config = ft.FinetuneConfig.from_dict(config)
         result = ft.finetune(self.info["path"], train, val, config, out_dir, progress=self.progress, **kwargs)
         return ModelRef(base=self.model_name, adapter=str(result.path), metadata=dict(result.manifest))
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling with a generator per row
+
+
+class _RowSampler(LogitsProcessor):
+    """Sampling at ``temperature`` (and nucleus ``top_p``) with one random generator per row, by
+    the Gumbel-max trick: the argmax of logits / T plus Gumbel noise is a sample from
+    softmax(logits / T). Decoding is then greedy, and each row's noise comes from its own seeded
+    generator, so a row's sample depends on its seed only, never on its batch (transformers'
+    own sampling draws for the whole batch from one global generator). Runs last, after any
+    processor that masks tokens."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float = 1.0):
+        self.generators = [torch.Generator().manual_seed(int(s) % (1 << 63)) for s in seeds]
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            order = torch.argsort(scores, dim=-1, descending=True)
+            sorted_scores = scores.gather(-1, order)
+            before = torch.softmax(sorted_scores, dim=-1).cumsum(-1) - torch.softmax(sorted_scores, dim=-1)
+            drop = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, before >= self.top_p)
+            scores = scores.masked_fill(drop, float("-inf"))
+        vocab = scores.shape[-1]
+        noise = torch.stack([-torch.empty(vocab).exponential_(generator=g).clamp_min(1e-30).log()
+                             for g in self.generators])
+        return scores + noise.to(scores.device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from ..journal import atomic_write_json
-from .base import WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfReport
+from .base import WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfReport, call_seeds
 
 OFFICIAL_BASE_URL = "https://api.openai.com/v1"
 JOB_STATE = "openai_job.json"
@@ -388,12 +388,15 @@ class OpenAIBackend:
     # -- reports
 
     def generate(self, chats: Sequence[Messages], max_new_tokens: int = 256, temperature: float = 0.0,
-                 seed: int = 0) -> list[str]:
+                 seed: int | Sequence[int] = 0) -> list[str]:
+        """Chat completions; ``seed`` is one per chat (a chat's request, and so its recorded
+        answer, does not depend on its batch) or an int (seed + index)."""
+        seeds = call_seeds(seed, len(chats))
         extra: dict[str, Any] = {}
         if self.response_format == "json_object":
             extra["response_format"] = {"type": "json_object"}
-        calls = [self._chat("generate", c, max_tokens=max_new_tokens, temperature=temperature, seed=seed + i, **extra)
-                 for i, c in enumerate(chats)]
+        calls = [self._chat("generate", c, max_tokens=max_new_tokens, temperature=temperature, seed=sd, **extra)
+                 for c, sd in zip(chats, seeds)]
         return [r.choices[0].message.content or "" for r in self.caller.map("chat completion (report)", calls)]
 
     def constrained_reports(self, chats: Sequence[Messages], attribute_names_per_chat: Sequence[Sequence[str]],

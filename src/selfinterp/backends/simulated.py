@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import design, prompts, regression
 from ..scenarios import Scenario
-from .base import ChoiceProbs, Messages, ModelRef
+from .base import ChoiceProbs, Messages, ModelRef, call_seeds
 
 STATE = "simulated.json"
 DEFAULTS = dict(choice_noise=10.0, position_bias=0.0, fidelity=0.9, report_noise=250.0, report_bias=0.0,
@@ -79,12 +79,16 @@ class SimulatedBackend:
         return ChoiceProbs(p_a=np.array(p), mass=np.ones(len(p)))
 
     def generate(self, chats: Sequence[Messages], max_new_tokens: int = 256, temperature: float = 0.0,
-                 seed: int = 0) -> list[str]:
+                 seed: int | Sequence[int] = 0) -> list[str]:
+        """Replies drawn from a generator seeded by (the model's seed, the chat's seed, the prompt):
+        a reply never depends on the other chats of the call. ``seed`` is one int for every chat
+        or one per chat."""
         self._delay(len(chats))
+        seeds = [int(seed)] * len(chats) if isinstance(seed, (int, np.integer)) else call_seeds(seed, len(chats))
         out = []
-        for chat in chats:
+        for chat, chat_seed in zip(chats, seeds):
             user, s, a, b = self._read(chat)
-            rng = np.random.default_rng(_seed_of(self.seed, seed, user))
+            rng = np.random.default_rng(_seed_of(self.seed, chat_seed, user))
             if user.startswith("[DECISION TASK]"):
                 p = self.choice_probs([chat]).p_a[0]
                 out.append("A" if rng.uniform() < p else "B")

@@ -55,7 +55,8 @@ import numpy as np
 
 from .. import models, prompts
 from ..chat_template import render, supports_system
-from .base import WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfReport, json_object_end
+from .base import (WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfReport, call_seeds,
+                   json_object_end)
 
 TOP_LOGPROBS = 20
 # vLLM's settings for a run that stay out of results: how fast, not what.
@@ -343,11 +344,13 @@ class VLLMBackend:
     # ---------------------------------------------------------------------------------------
 
     def generate(self, chats: Sequence[Messages], max_new_tokens: int = 256, temperature: float = 0.0,
-                 seed: int = 0, top_p: float = 1.0, stop_at_json: bool = True) -> list[str]:
-        """Replies: greedy by default, seeded sampling (seed + index) when ``temperature > 0``;
-        with ``stop_at_json`` each stops at the end of its first balanced JSON object."""
+                 seed: int | Sequence[int] = 0, top_p: float = 1.0, stop_at_json: bool = True) -> list[str]:
+        """Replies: greedy by default, seeded sampling when ``temperature > 0`` (vLLM seeds each
+        request by itself; ``seed`` is one per chat, or an int: seed + index); with
+        ``stop_at_json`` each stops at the end of its first balanced JSON object."""
         from vllm import SamplingParams
 
+        seeds = call_seeds(seed, len(chats))
         prompts_ids = self._token_prompts(chats)
         texts = [""] * len(prompts_ids)
         generated: list[list[int]] = [[] for _ in prompts_ids]
@@ -358,7 +361,7 @@ class VLLMBackend:
                 left = max_new_tokens - len(generated[i])
                 params.append(SamplingParams(
                     max_tokens=left, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                    seed=(seed + i + 7919 * len(generated[i])) if temperature > 0 else None,
+                    seed=(seeds[i] + 7919 * len(generated[i])) if temperature > 0 else None,
                     stop=["}"] if stop_at_json else None, include_stop_str_in_output=True, skip_special_tokens=True))
                 reqs.append(prompts_ids[i] + generated[i])
             from vllm.inputs import TokensPrompt
@@ -382,7 +385,7 @@ class VLLMBackend:
     # ---------------------------------------------------------------------------------------
 
     def constrained_reports(self, chats: Sequence[Messages], attribute_names_per_chat: Sequence[Sequence[str]],
-                            temperature: float = 0.0, seed: int = 0) -> list[SelfReport]:
+                            temperature: float = 0.0, seed: int | Sequence[int] = 0) -> list[SelfReport]:
         """Self-reports in the constrained mode, by structured outputs with a regular expression
         of the transformers backend's skeleton: ``{"name1": <n>, "name2": <n>, ...}`` with
         integers in [-100, 100] (an optional space before each)."""
@@ -390,13 +393,14 @@ class VLLMBackend:
 
         if len(chats) != len(attribute_names_per_chat):
             raise ValueError(f"{len(chats)} chats but {len(attribute_names_per_chat)} lists of attribute names")
+        seeds = call_seeds(seed, len(chats))
         ids = self._token_prompts(chats)
         params = []
         for i, names in enumerate(attribute_names_per_chat):
             regex = report_regex(names)
             max_tokens = sum(len(self.tokenizer.encode(json.dumps(n), add_special_tokens=False)) + 8 for n in names) + 4
             params.append(SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                         seed=(seed + i) if temperature > 0 else None, **_regex_param(regex)))
+                                         seed=seeds[i] if temperature > 0 else None, **_regex_param(regex)))
         outs = self._generate(ids, params)
         reports = []
         for names, out in zip(attribute_names_per_chat, outs):
