@@ -54,11 +54,14 @@ class TrainSettings(Strict):
     groups_per_batch: int = Field(2, ge=1)
     eval_every: Optional[int] = Field(None, ge=1, description="optimizer steps between held-out evaluations "
                                       "(validation loss and answer accuracy, in the manifest and the report)")
+    early_stop_patience: Optional[int] = Field(None, ge=1, description="stop when this many evaluations in a "
+                                               "row bring no better held-out accuracy (needs eval_every; off by default)")
+    log_with: Optional[str] = Field(None, description="also log to accelerate's trackers: 'tensorboard', 'wandb', ...")
     checkpoint_every: Optional[int] = Field(100, ge=1, description="optimizer steps between checkpoints "
                                             "(also one per epoch); what an interruption can lose at most")
 
     # Settings that cannot change a result: left out of stage keys.
-    OPERATIONAL: ClassVar[tuple[str, ...]] = ("checkpoint_every", "eval_every")
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("checkpoint_every", "eval_every", "log_with")
 
 
 class SimulatedSettings(Strict):
@@ -235,7 +238,8 @@ class RunConfig(Strict):
         out = {n: json.loads(self.model_dump_json(include={n}))[n] for n in names if not unused.get(n)}
         for n, value in out.items():  # a settings block keeps only what changes results
             for k in getattr(getattr(self, n), "OPERATIONAL", ()):
-                value.pop(k, None)
+                if not (k == "eval_every" and value.get("early_stop_patience")):  # early stopping watches them
+                    value.pop(k, None)
         if out.get("trainer", 0) is None:
             out.pop("trainer")  # runs that predate the field keep their stage keys
         return out

@@ -110,6 +110,12 @@ class FinetuneConfig:
     # Every N optimizer steps: validation loss and held-out answer accuracy (the answer's first
     # token against the other answers' first tokens, e.g. "A" vs "B") in the manifest's `evals`.
     eval_every: int | None = None
+    # Stop when `early_stop_patience` evaluations in a row brought no better held-out accuracy
+    # (validation loss where there is no accuracy). Off by default: the schedule is then cut short.
+    early_stop_patience: int | None = None
+    # Also send losses and evaluations to accelerate's trackers ("tensorboard", "wandb", ...),
+    # written under out_dir/trackers; None: the manifest only.
+    log_with: str | None = None
     checkpoint_every: int | None = None  # optimizer steps; a checkpoint is also written every epoch
     keep_checkpoints: int = 1  # older ones are deleted once a newer one is complete
 
@@ -127,6 +133,8 @@ class FinetuneConfig:
             raise ValueError(f"batching {self.batching!r} keeps pairs together: batch_size must be even, not {self.batch_size}")
         if self.groups_per_batch < 1 or (self.eval_every is not None and self.eval_every < 1):
             raise ValueError("groups_per_batch and eval_every must be positive")
+        if self.early_stop_patience is not None and (self.early_stop_patience < 1 or not self.eval_every):
+            raise ValueError("early_stop_patience needs eval_every (the evaluations it watches) and must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -591,7 +599,9 @@ def _versions() -> dict[str, str]:
 
 
 def _training_fields(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in ("checkpoint_every", "keep_checkpoints")}
+    # Evaluations change nothing, unless early stopping watches them.
+    skip = ("checkpoint_every", "keep_checkpoints", "log_with") + (() if config.get("early_stop_patience") else ("eval_every",))
+    return {k: v for k, v in config.items() if k not in skip}
 
 
 def _latest_checkpoint(out_dir: Path) -> Path | None:
@@ -621,7 +631,8 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
     base_model = str(Path(base_model).resolve()) if Path(base_model).exists() else str(base_model)
     # Autocast is ours (config.autocast), the same on CPU and GPU. Without CUDA, accelerate joins
     # a torchrun/launch process group (gloo) only when told it runs on CPU.
-    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available(), log_with=config.log_with,
+                              project_dir=str(out_dir / "trackers") if config.log_with else None)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
 
@@ -806,10 +817,24 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
         return {"val_loss": (tot[0] / tot[1]).item(),
                 "val_accuracy": (tot[2] / tot[3]).item() if cand is not None else None}
 
+    def should_stop() -> bool:
+        """Early stopping: no better held-out score in the last `early_stop_patience` evaluations."""
+        if not config.early_stop_patience:
+            return False
+        evals = state.get("evals", [])
+        scores = [e["val_accuracy"] if e["val_accuracy"] is not None else -(e["val_loss"] or 0.0) for e in evals]
+        p = config.early_stop_patience
+        return len(scores) > p and max(scores[-p:]) <= max(scores[:-p])
+
+    if config.log_with:
+        accelerator.init_trackers("selfinterp-finetune", config=_training_fields(config.to_dict()))
+
     # ---- train
     task = bar.add_task("fine-tuning", total=total_steps, completed=state["step"], info="") if bar else None
     model.train()
     for epoch in range(state["step"] // steps_per_epoch, config.epochs):
+        if state.get("stopped_early"):
+            break
         for b in range(state["step"] % steps_per_epoch if epoch == state["step"] // steps_per_epoch else 0,
                        steps_per_epoch):
             t_step = time.time()
@@ -850,8 +875,14 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
                 last = state.get("evals", [{}])[-1].get("val_accuracy")
                 bar.update(task, advance=1, info=f"epoch {epoch + 1}/{config.epochs} loss {record['loss']:.4f}"
                            + (f" held-out acc {last:.3f}" if last is not None else ""))
+            if config.log_with:
+                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                                step=state["step"])
             if callback:
                 callback(record)
+            if "val_loss" in record and should_stop():
+                state["stopped_early"] = state["step"]
+                break
             if config.checkpoint_every and state["step"] % config.checkpoint_every == 0 \
                     and state["step"] % steps_per_epoch:
                 save_checkpoint()
@@ -864,6 +895,8 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
         save_checkpoint()
     if bar:
         bar.stop()
+    if config.log_with:
+        accelerator.end_training()
 
     # ---- final output: the adapter / trained weights, the tokenizer, then the manifest (last,
     # atomically: its presence marks a finished run)
@@ -898,6 +931,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             "val_loss": state["epoch_losses"][-1]["val_loss"] if state["epoch_losses"] else None,
             "val_accuracy": state["epoch_losses"][-1].get("val_accuracy") if state["epoch_losses"] else None,
             "evals": state.get("evals", []),
+            "stopped_early_at": state.get("stopped_early"),
             "cache_seconds": cache_seconds,
             "wall_seconds": wall_before + time.time() - t_start,
             "versions": _versions(),
