@@ -260,6 +260,7 @@ def run_cmd(
         return
     from .backends.openai_api import OpenAIAPIError
     from .backends.vllm import VLLMUnavailable
+    from .lock import RunLocked
     from .models import ModelError
     from .run import GateFailed, Run
     from .scenarios import ScenarioError
@@ -268,7 +269,7 @@ def run_cmd(
               f"in {out.resolve()}")
     try:
         results = Run(cfg, out, force=force, console=err).execute()
-    except (GateFailed, ModelError, ScenarioError, OpenAIAPIError, VLLMUnavailable) as e:
+    except (GateFailed, ModelError, ScenarioError, OpenAIAPIError, VLLMUnavailable, RunLocked) as e:
         fail(str(e))
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted: finished work is kept in {out}; run the same command again to resume[/]")

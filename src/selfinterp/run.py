@@ -131,7 +131,16 @@ class Run:
     # -- running
 
     def execute(self) -> dict:
-        """Run every stage that is not done; return the results (analysis/results.json)."""
+        """Run every stage that is not done; return the results (analysis/results.json).
+
+        The run directory is locked meanwhile (:mod:`selfinterp.lock`): a second run into it
+        raises :class:`~selfinterp.lock.RunLocked` instead of interleaving its writes."""
+        from .lock import lock_run
+
+        with lock_run(self.root, note=lambda m: self.console.print(f"[yellow]{m}[/]")):
+            return self._execute()
+
+    def _execute(self) -> dict:
         self.root.mkdir(parents=True, exist_ok=True)
         if self.cfg.backend in ("hf", "vllm"):
             from .models import check_loadable, quiet_transformers
