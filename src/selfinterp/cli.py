@@ -354,7 +354,7 @@ def plan(
     seed: int = typer.Option(0),
 ) -> None:
     """Power analysis: how many scenarios, reports and trials a study needs, by simulation."""
-    from .power import power_table
+    from .power import DesignError, check_design, power_table
 
     try:
         ns = [int(x) for x in scenarios.split(",")]
@@ -363,6 +363,10 @@ def plan(
         fail("--scenarios and --reports take comma-separated whole numbers, e.g. 20,50,100")
     if not -1 < target_r < 1 or not -1 < baseline_r < 1:
         fail("--target-r and --baseline-r must be between -1 and 1")
+    try:
+        check_design(ns, rs, trials, n_sim)
+    except DesignError as e:
+        fail(f"--{e}")
     rows = power_table(target_r, baseline_r, ns, rs, trials, n_sim, seed)
     t = Table(title=f"detecting r = {target_r} (vs {baseline_r}) with {trials} choices per scenario, {n_sim} simulated studies each")
     for col in ("scenarios", "reports", "mean r", "mean CI width", "power"):

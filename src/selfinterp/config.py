@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -163,6 +163,15 @@ class Gate(Strict):
     min_r: float = Field(0.3, ge=-1, le=1, description="learned-vs-instilled Pearson r")
 
 
+def _check_file_name(v: str, what: str) -> str:
+    bad = [c for c in ("/", "\\", ":") if c in v]
+    if bad or v.strip() in (".", "..") or v != v.strip() or any(ord(c) < 32 or ord(c) == 127 for c in v):
+        why = f"contains {' and '.join(repr(c) for c in bad)}" if bad else "is not a plain name"
+        raise ValueError(f"{v!r} {why}; it is {what}: one plain name without '/', '\\', ':', '..' or "
+                         f"control characters, e.g. 'my-run'")
+    return v
+
+
 class RunConfig(Strict):
     name: str = Field("run", min_length=1)
     preset: Optional[str] = None
@@ -195,6 +204,17 @@ class RunConfig(Strict):
     gate: Gate = Gate()
     openai: OpenAISettings = OpenAISettings()
     vllm: VLLMSettings = VLLMSettings()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, v: str) -> str:
+        """A run's name is its folder under runs/: one plain path component, never a way out."""
+        return _check_file_name(v, "the run's folder under runs/")
+
+    @field_validator("model_label")
+    @classmethod
+    def _label_is_a_file_name_part(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _check_file_name(v, "the start of the run's file names")
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

@@ -40,8 +40,32 @@ def simulate_study(rng: np.random.Generator, n_scenarios: int, n_reports: int, n
     return np.sign(target_r) * w + u + e, learned
 
 
+#: The fewest scenarios a study's r can be estimated from: with 1 or 2 the bootstrap resamples
+#: (nearly) one value, and a study "detects" any r with a CI of width 0.
+MIN_SCENARIOS = 3
+
+
+class DesignError(ValueError):
+    """A design too small to estimate anything from."""
+
+
+def check_design(scenarios: list[int], reports: list[int], n_trials: int, n_sim: int) -> None:
+    """Refuse designs whose power would be meaningless (rather than report power 1.00)."""
+    small = [n for n in scenarios if n < MIN_SCENARIOS]
+    if not scenarios or small:
+        raise DesignError(f"scenarios: a study needs at least {MIN_SCENARIOS} scenarios to estimate r "
+                          f"(got {', '.join(map(str, small)) or 'none'})")
+    if not reports or min(reports) < 1:
+        raise DesignError(f"reports: at least 1 report per scenario (got {', '.join(map(str, reports)) or 'none'})")
+    if n_trials < 2:  # as a run's n_eval_trials
+        raise DesignError(f"trials: at least 2 choices per scenario (got {n_trials})")
+    if n_sim < 1:
+        raise DesignError(f"n-sim: at least 1 simulated study per design (got {n_sim})")
+
+
 def power_table(target_r: float, baseline_r: float, scenarios: list[int], reports: list[int], n_trials: int,
                 n_sim: int = 200, seed: int = 0, n_boot: int = 500) -> list[dict]:
+    check_design(scenarios, reports, n_trials, n_sim)
     rows = []
     for n_s in scenarios:
         for n_r in reports:
@@ -52,7 +76,8 @@ def power_table(target_r: float, baseline_r: float, scenarios: list[int], report
                 c = stats.correlate(rep, learned, n_boot=n_boot, seed=i)
                 rs.append(c.r)
                 widths.append(c.ci[1] - c.ci[0])
-                hits += not (c.ci[0] <= baseline_r <= c.ci[1])
+                # a study whose r could not be estimated (NaN CI) detects nothing
+                hits += bool(np.all(np.isfinite(c.ci)) and not (c.ci[0] <= baseline_r <= c.ci[1]))
             rows.append({"n_scenarios": n_s, "n_reports": n_r, "mean_r": float(np.mean(rs)),
                          "ci_width": float(np.mean(widths)), "power": hits / n_sim})
     return rows
