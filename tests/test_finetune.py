@@ -423,3 +423,33 @@ def test_early_stopping_and_its_identity(tiny_model_dir, tmp_path):
     assert "eval_every" not in _training_fields(FinetuneConfig(eval_every=5).to_dict())
     with pytest.raises(ValueError, match="eval_every"):
         FinetuneConfig(early_stop_patience=2)
+
+
+def test_shared_prefix_cache_is_exact(tiny_model_dir, tmp_path):
+    """The lower-layer cache built once per shared prefix equals the plain one within 1e-5 (fp32),
+    with prompts of three questions of different lengths, and a one-off prompt that shares nothing."""
+    from transformers import AutoTokenizer
+
+    from selfinterp.finetune import _build_cache, _collate, load_base, prefix_groups
+
+    model, _ = load_base(str(tiny_model_dir))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = paired_examples(30, n_groups=3)
+    for r in rows:  # one question longer than the others: prefixes of different lengths
+        r["messages"][1]["content"] = r["messages"][1]["content"].replace("Question 0", "Question zero, a longer one")
+    rows.append({"messages": [{"role": "user", "content": "Something else entirely"}, {"role": "assistant", "content": "A"}]})
+    ex = [tokenize_example(tok, r["messages"]) for r in rows]
+    groups = prefix_groups(ex, tok)
+    shared = [p for p, members in groups if len(members) > 1]
+    assert len(shared) >= 3 and len(set(shared)) >= 2 and sum(len(m) for _, m in groups) == len(ex)
+    device = torch.device("cpu")
+    plain = _build_cache(model, ex, 1, FinetuneConfig(layers=1, cache_lower_layers=True, autocast=None, share_prefix=False), device)
+    fast = _build_cache(model, ex, 1, FinetuneConfig(layers=1, cache_lower_layers=True, autocast=None), device, tokenizer=tok)
+    assert any(isinstance(x, tuple) for x in fast) and not isinstance(fast[-1], tuple)
+    x_p, m_p, y_p = _collate([(h, e.labels) for h, e in zip(plain, ex)], device)
+    x_f, m_f, y_f = _collate([(h, e.labels) for h, e in zip(fast, ex)], device)
+    assert torch.equal(m_p, m_f) and torch.equal(y_p, y_f)
+    assert (x_p - x_f).abs().max().item() < 1e-5
+    lp, lf = top_logits(model, x_p, m_p, 1), top_logits(model, x_f, m_f, 1)
+    real = m_p.bool()
+    assert (lp[real] - lf[real]).abs().max().item() < 1e-5

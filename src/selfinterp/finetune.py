@@ -96,6 +96,9 @@ class FinetuneConfig:
     # examples x tokens x hidden x 4 bytes (float32) or 2 (bfloat16, which rounds the cache).
     cache_lower_layers: bool = False
     cache_dtype: Literal["float32", "bfloat16"] = "float32"
+    # With the cache: run each group's shared prompt prefix through the frozen layers once, then
+    # only each prompt's suffix (exact; about half of a decision prompt is shared). Stored once.
+    share_prefix: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights (fp32 + autocast was fastest on CPU)
     autocast: Literal["bfloat16", "float16"] | None = "bfloat16"  # None: compute in `dtype`
     # What the loss covers: the answer's tokens only, or also the end-of-turn marker after them.
@@ -453,6 +456,8 @@ def _collate(rows: Sequence[tuple[torch.Tensor, list[int]]], device: torch.devic
     """Right-pad a micro-batch of (token ids or cached hidden states, labels)."""
     T = max(len(lab) for _, lab in rows)
     first = rows[0][0]
+    if isinstance(first, tuple):  # a shared prefix's hidden states and this example's suffix
+        first = first[1]
     if first.dim() == 1:  # token ids; pad id is irrelevant (masked)
         inputs = torch.zeros(len(rows), T, dtype=torch.long)
     else:  # cached hidden states (T_i, H)
@@ -460,7 +465,11 @@ def _collate(rows: Sequence[tuple[torch.Tensor, list[int]]], device: torch.devic
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
     for i, (x, lab) in enumerate(rows):
-        inputs[i, : len(lab)] = x
+        if isinstance(x, tuple):
+            inputs[i, : len(x[0])] = x[0]
+            inputs[i, len(x[0]): len(lab)] = x[1]
+        else:
+            inputs[i, : len(lab)] = x
         mask[i, : len(lab)] = 1
         labels[i, : len(lab)] = torch.tensor(lab)
     return inputs.to(device), mask.to(device), labels.to(device)
@@ -473,12 +482,17 @@ def _autocast(config: FinetuneConfig, device: torch.device):
 
 
 def _build_cache(model: nn.Module, examples: Sequence[TokenizedExample], first: int, config: FinetuneConfig,
-                 device: torch.device, batch: int = 16, progress: Any = None) -> list[torch.Tensor]:
-    """Hidden states entering layer ``first`` for each example (unpadded, on CPU, cache_dtype).
+                 device: torch.device, batch: int = 16, progress: Any = None,
+                 tokenizer: Any = None) -> list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """Hidden states entering layer ``first`` for each example (unpadded, on CPU, cache_dtype):
+    a (T, H) tensor, or with ``share_prefix`` a (group's prefix (P, H), own suffix) pair whose
+    prefix tensor is shared by the group.
 
     Examples are run in length-sorted batches (little padding; right padding leaves the real
     tokens' states unchanged under a causal mask).
     """
+    if config.share_prefix and tokenizer is not None and _prefix_supported(_backbone(model)):
+        return _build_cache_shared(model, examples, first, config, device, tokenizer, 2 * batch, progress)
     out: list[torch.Tensor | None] = [None] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     task = progress.add_task("caching lower layers", total=len(order)) if progress else None
@@ -498,6 +512,186 @@ def _build_cache(model: nn.Module, examples: Sequence[TokenizedExample], first: 
     if progress:
         progress.remove_task(task)
     return out  # type: ignore[return-value]
+
+
+def _build_cache_shared(model: nn.Module, examples: Sequence[TokenizedExample], first: int, config: FinetuneConfig,
+                        device: torch.device, tokenizer: Any, batch: int, progress: Any) -> list:
+    out: list = [None] * len(examples)
+    dt = _DTYPES[config.cache_dtype]
+    task = progress.add_task("caching lower layers", total=len(examples)) if progress else None
+    checked = False
+    model.eval()
+    groups = prefix_groups(examples, tokenizer)
+    alone = [i for p, members in groups if not p for i in members]  # nothing shared: the plain path
+    if alone:
+        for i, h in zip(alone, _build_cache(model, [examples[i] for i in alone], first, config, device,
+                                            batch // 2, progress)):
+            out[i] = h
+    with torch.no_grad():
+        for p, members in groups:
+            if not p:
+                continue
+            members = sorted(members, key=lambda i: len(examples[i].input_ids))
+            prefix = torch.tensor([examples[members[0]].input_ids[:p]], device=device)
+            stored = None
+            for s in range(0, len(members), batch):
+                idx = members[s: s + batch]
+                lens = torch.tensor([len(examples[i].input_ids) - p for i in idx])
+                suf = torch.zeros(len(idx), int(lens.max()), dtype=torch.long)
+                for j, i in enumerate(idx):
+                    suf[j, : lens[j]] = torch.tensor(examples[i].input_ids[p:])
+                with _autocast(config, device):
+                    ph, sh = lower_hidden_shared(model, prefix, suf.to(device), lens, first)
+                    if not checked:  # sharing must reproduce the plain split forward (architecture check)
+                        ids, mask, _ = _collate([(torch.tensor(examples[i].input_ids), examples[i].labels)
+                                                 for i in idx[:2]], device)
+                        plain = lower_hidden(model, ids, mask, first)
+                        _check_split(model, ids, mask, plain, first)
+                        for j in range(len(idx[:2])):
+                            got = torch.cat([ph, sh[j, : lens[j]]]).float()
+                            want = plain[j, : p + int(lens[j])].float()
+                            err = (got - want).abs().max().item()
+                            if not err <= 1e-3 * max(want.abs().max().item(), 1.0):
+                                raise NotImplementedError(f"{type(model).__name__}: the shared-prefix forward differs "
+                                                          f"from the plain one by {err:.3g}; set share_prefix = false")
+                        checked = True
+                if stored is None:
+                    stored = ph.to("cpu", dt).clone()
+                for j, i in enumerate(idx):
+                    out[i] = (stored, sh[j, : lens[j]].to("cpu", dt).clone()) if p else sh[j, : lens[j]].to("cpu", dt).clone()
+                if progress:
+                    progress.advance(task, len(idx))
+    if progress:
+        progress.remove_task(task)
+    return out
+
+
+# Shared prompt prefixes. Every prompt of a scenario starts with the same ~95 tokens (system
+# prompt, instruction, question); causal attention makes their hidden states independent of what
+# follows, so the frozen layers run them once per group and only each prompt's suffix after it.
+
+
+def prefix_groups(examples: Sequence[TokenizedExample], tokenizer: Any, min_prefix: int = 8) -> list[tuple[int, list[int]]]:
+    """(shared prefix length, example indices) for groups of examples whose prompts share a prefix.
+
+    The prompts are cut into lines (at tokens that end with a line break) and put in a trie of
+    lines; each node is a prefix shared by its examples. Grouping picks the nodes that save the
+    most computation, (examples - 1) x tokens, by dynamic programming over the trie (one
+    scenario's question, not just the system prompt, nor each value of its first attribute). The
+    length returned is the group's true common prefix, so any grouping is exact.
+    """
+    n = len(examples)
+    ids = [e.input_ids[: len(e.input_ids) - sum(1 for t in e.labels if t != IGNORE)] for e in examples]  # prompts
+    newline_end: dict[int, bool] = {}
+
+    def cuts(seq: list[int]) -> list[int]:
+        out = []
+        for j, t in enumerate(seq[:-1]):  # a cut before the last prompt token leaves a suffix
+            if t not in newline_end:
+                newline_end[t] = tokenizer.decode([t]).endswith("\n")
+            if newline_end[t]:
+                out.append(j + 1)
+        return out
+
+    # The trie: node -> (token length, examples through it, children); node ids by (parent, line).
+    length, members, children = [0], [list(range(n))], [dict()]
+    for i, seq in enumerate(ids):
+        node, prev = 0, 0
+        for c in cuts(seq):
+            line = tuple(seq[prev:c])
+            child = children[node].get(line)
+            if child is None:
+                child = len(length)
+                children[node][line] = child
+                length.append(c)
+                members.append([])
+                children.append({})
+            members[child].append(i)
+            node, prev = child, c
+
+    def best(node: int) -> tuple[int, list[int]]:  # (tokens saved, chosen nodes) in this subtree
+        # Each group also costs a prefix pass and a partly filled batch: ~64 tokens' worth.
+        here = (len(members[node]) - 1) * length[node] - 64 if length[node] >= min_prefix else 0
+        below, chosen = 0, []
+        for child in children[node].values():
+            if len(members[child]) > 1:
+                v, c = best(child)
+                below, chosen = below + v, chosen + c
+        return (here, [node]) if here >= below and here > 0 else (below, chosen)
+
+    import sys
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+    _, nodes = best(0)
+    out, grouped = [], set()
+    for node in nodes:
+        group = members[node]
+        p = length[node]
+        for i in group[1:]:  # the group's true common prefix (at least the node's lines)
+            k = p
+            while k < len(ids[i]) - 1 and k < len(ids[group[0]]) - 1 and ids[i][k] == ids[group[0]][k]:
+                k += 1
+            p = k if i == group[1] else min(p, k)
+        out.append((p, group))
+        grouped.update(group)
+    out += [(0, [i]) for i in range(n) if i not in grouped]
+    return out
+
+
+class _PrefixKV:
+    """A stand-in for a transformers Cache inside attention: in "store" mode it keeps each layer's
+    keys/values of one prefix; in "read" mode it puts them before a batch of suffixes' own."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reading = False
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
+        if not self.reading:
+            self.kv[layer_idx] = (k, v)
+            return k, v
+        pk, pv = self.kv[layer_idx]
+        b = k.shape[0]
+        return torch.cat([pk.expand(b, -1, -1, -1), k.to(pk.dtype)], 2), torch.cat([pv.expand(b, -1, -1, -1), v.to(pv.dtype)], 2)
+
+
+def _prefix_supported(backbone: nn.Module) -> bool:
+    """Shared prefixes are run with one causal mask and one rotary table for all layers."""
+    import inspect
+
+    config = backbone.config
+    types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return (types == {"full_attention"} and not getattr(config, "sliding_window", None)
+            and "layer_type" not in inspect.signature(backbone.rotary_emb.forward).parameters)
+
+
+def lower_hidden_shared(model: nn.Module, prefix: torch.Tensor, suffixes: torch.Tensor, lengths: torch.Tensor,
+                        first_trained: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states entering layer ``first_trained`` for one prefix (1, P) of token ids and a
+    batch of suffixes (B, S) right-padded to ``lengths``: (prefix (P, H), suffixes (B, S, H))."""
+    import inspect
+
+    backbone = _backbone(model)
+    dev = prefix.device
+    P, (B, S) = prefix.shape[1], suffixes.shape
+    h = backbone.embed_tokens(prefix)
+    g = backbone.embed_tokens(suffixes)
+    if first_trained == 0:
+        return h[0], g
+    name = "cache" if "cache" in inspect.signature(backbone.layers[0].forward).parameters else "past_key_values"
+    pos_p = torch.arange(P, device=dev)[None]
+    pos_s = (P + torch.arange(S, device=dev))[None].expand(B, -1)
+    pe_p, pe_s = backbone.rotary_emb(h, pos_p), backbone.rotary_emb(g, pos_s)
+    causal = torch.tril(torch.ones(S, S, dtype=torch.bool, device=dev))
+    m_p = torch.tril(torch.ones(P, P, dtype=torch.bool, device=dev))[None, None]
+    m_s = torch.cat([torch.ones(B, S, P, dtype=torch.bool, device=dev), causal[None].expand(B, -1, -1)], 2)[:, None]
+    kv = _PrefixKV()
+    for layer in backbone.layers[:first_trained]:
+        h = layer(h, attention_mask=m_p, position_ids=pos_p, position_embeddings=pe_p, use_cache=True, **{name: kv})
+    kv.reading = True
+    for layer in backbone.layers[:first_trained]:
+        g = layer(g, attention_mask=m_s, position_ids=pos_s, position_embeddings=pe_s, use_cache=True, **{name: kv})
+    return h[0], g
 
 
 def _check_split(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, h: torch.Tensor, first: int) -> None:
@@ -726,9 +920,9 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
     train_inputs: dict[int, torch.Tensor]  # example index -> token ids, or cached hidden states
     if cached:
         train_inputs = dict(zip(shard, _build_cache(model, [train_ex[i] for i in shard], first, config, device,
-                                                    progress=bar_cache)))
+                                                    progress=bar_cache, tokenizer=tok)))
         val_inputs = dict(zip(val_shard, _build_cache(model, [val_ex[i] for i in val_shard], first, config,
-                                                      device, progress=bar_cache)))
+                                                      device, progress=bar_cache, tokenizer=tok)))
     else:
         train_inputs = {i: torch.tensor(train_ex[i].input_ids) for i in shard}
         val_inputs = {i: torch.tensor(val_ex[i].input_ids) for i in val_shard}
