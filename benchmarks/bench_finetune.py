@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--top", type=int, default=4, help="k for the top-k configurations")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    ap.add_argument("--prefix-examples", type=int, default=320,
+                    help="examples for the cache head to head, with and without shared prefixes")
+    ap.add_argument("--only-prefix", action="store_true", help="run only the shared-prefix cache comparison")
     args = ap.parse_args()
 
     import torch
@@ -71,6 +74,8 @@ def main() -> None:
         (f"LoRA r{args.rank}, top {k} layers, cached lower layers", dict(method="lora", layers=k, cache_lower_layers=True)),
         ("full FT, top 12 layers, cached lower layers (CPU recipe)", dict(method="full", layers=12, cache_lower_layers=True)),
     ]
+    if args.only_prefix:
+        runs = []
     load_start = os.getloadavg()
     steps: dict[str, list[float]] = {name: [] for name, _ in runs}
     cache: dict[str, list[float]] = {name: [] for name, _ in runs}
@@ -89,15 +94,43 @@ def main() -> None:
     rows = [(name, min(steps[name]), statistics.median(steps[name]), min(cache[name]), params[name])
             for name, _ in runs]
 
+    # The lower-layer cache of the CPU recipe (layers 0-17, bf16 autocast and cache), built with and
+    # without shared prompt prefixes on the same decision prompts, interleaved, best of the rounds.
+    from selfinterp.finetune import _build_cache, load_base as _load
+
+    ex_rows = design.instillation_examples(bank, weights, args.prefix_examples // (2 * len(bank)), seed=1,
+                                           counterbalance=True)
+    model, tok2 = _load(str(base))
+    ex = [tokenize_example(tok2, r["messages"]) for r in ex_rows]
+    prefix_s: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.rounds):
+        for shared in (False, True):
+            cfg = FinetuneConfig(method="full", layers=12, cache_lower_layers=True, cache_dtype="bfloat16",
+                                 share_prefix=shared)
+            t0 = time.time()
+            _build_cache(model, ex, n_layers - 12, cfg, torch.device("cpu"), tokenizer=tok2)
+            prefix_s[shared].append((time.time() - t0) / len(ex))
+    del model
     shutil.rmtree(work, ignore_errors=True)
 
-    ref = rows[0][1]
     load_end = os.getloadavg()
+    plain, shared = min(prefix_s[False]), min(prefix_s[True])
+    print("# Lower-layer cache: shared prompt prefixes vs every prompt in full\n")
+    print(f"{len(ex)} decision prompts of {len(bank)} scenarios, layers 0-{n_layers - 13} of SmolLM2-135M, bf16 autocast "
+          f"and cache, best of {args.rounds} interleaved rounds; load average {load_start[0]:.2f} -> {load_end[0]:.2f}.\n")
+    print("| cache | s / prompt, best | s / prompt, median | ratio |")
+    print("| --- | ---: | ---: | ---: |")
+    print(f"| every prompt in full (share_prefix = false) | {plain:.4f} | {statistics.median(prefix_s[False]):.4f} | 1.00x |")
+    print(f"| shared prefix once per group (share_prefix = true) | {shared:.4f} | {statistics.median(prefix_s[True]):.4f} "
+          f"| {plain / shared:.2f}x |\n")
+    if not rows:
+        return
+    ref = rows[0][1]
     print("# Fine-tuning step time: LoRA on all layers vs top-k on cached lower layers\n")
     print(f"SmolLM2-135M-Instruct ({n_layers} layers; GGUF load {load_gguf:.1f} s), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, fp32 weights + bf16 autocast; batch {args.batch} decision "
           f"examples of {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), loss on the "
-          f"answer + end-of-turn tokens; {args.rounds} interleaved runs x {args.steps - 1} timed steps per "
+          f"answer token (loss_on = \"answer\"); {args.rounds} interleaved runs x {args.steps - 1} timed steps per "
           f"configuration. Load average (1 min) {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the "
           f"end, on 2 shared cores.\n")
     print("| configuration | trainable params | s / step, best | s / step, median | speed-up vs all layers (best) "
