@@ -444,7 +444,7 @@ def test_shared_prefix_cache_is_exact(tiny_model_dir, tmp_path):
     assert len(shared) >= 3 and len(set(shared)) >= 2 and sum(len(m) for _, m in groups) == len(ex)
     device = torch.device("cpu")
     plain = _build_cache(model, ex, 1, FinetuneConfig(layers=1, cache_lower_layers=True, autocast=None, share_prefix=False), device)
-    fast = _build_cache(model, ex, 1, FinetuneConfig(layers=1, cache_lower_layers=True, autocast=None), device, tokenizer=tok)
+    fast = _build_cache(model, ex, 1, FinetuneConfig(layers=1, cache_lower_layers=True, autocast=None, share_prefix=True), device, tokenizer=tok)
     assert any(isinstance(x, tuple) for x in fast) and not isinstance(fast[-1], tuple)
     x_p, m_p, y_p = _collate([(h, e.labels) for h, e in zip(plain, ex)], device)
     x_f, m_f, y_f = _collate([(h, e.labels) for h, e in zip(fast, ex)], device)

@@ -98,7 +98,7 @@ class FinetuneConfig:
     cache_dtype: Literal["float32", "bfloat16"] = "float32"
     # With the cache: run each group's shared prompt prefix through the frozen layers once, then
     # only each prompt's suffix (exact; about half of a decision prompt is shared). Stored once.
-    share_prefix: bool = True
+    share_prefix: bool = False  # experimental: differed from the plain cache in some runs (see the note in README)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights (fp32 + autocast was fastest on CPU)
     autocast: Literal["bfloat16", "float16"] | None = "bfloat16"  # None: compute in `dtype`
     # What the loss covers: the answer's tokens only, or also the end-of-turn marker after them.
