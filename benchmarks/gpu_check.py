@@ -108,7 +108,7 @@ def mem(device: str) -> dict:
             "allocated_gb": round(torch.cuda.memory_allocated() / 2**30, 2)}
 
 
-def train_part(name, model_dir, train, val, cfg, work, device, steps):
+def train_part(name, model_dir, train, val, cfg, work, device):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -170,16 +170,16 @@ def main(argv=None) -> int:
                   checkpoint_every=None)
     if "lora-bf16" in parts:
         results.append(train_part("lora-bf16", model_dir, train, val,
-                                  FinetuneConfig(method="lora", dtype="bfloat16", **common), work, device, args.steps))
+                                  FinetuneConfig(method="lora", dtype="bfloat16", **common), work, device))
     if "lora-fp32" in parts:
         results.append(train_part("lora-fp32", model_dir, train, val,
-                                  FinetuneConfig(method="lora", **common), work, device, args.steps))
+                                  FinetuneConfig(method="lora", **common), work, device))
     if "full-top12" in parts:
         top = 12 if not args.tiny else 2
         results.append(train_part("full-top12", model_dir, train, val,
                                   FinetuneConfig(method="full", layers=top, cache_lower_layers=True,
                                                  cache_dtype="bfloat16", dtype="bfloat16", **common),
-                                  work, device, args.steps))
+                                  work, device))
     if "score" in parts:
         from selfinterp.backends.hf import HFBackend
 

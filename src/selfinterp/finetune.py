@@ -544,7 +544,7 @@ def _build_cache_shared(model: nn.Module, examples: Sequence[TokenizedExample], 
                 for j, i in enumerate(idx):
                     suf[j, : lens[j]] = torch.tensor(examples[i].input_ids[p:])
                 with _autocast(config, device):
-                    ph, sh = lower_hidden_shared(model, prefix, suf.to(device), lens, first)
+                    ph, sh = lower_hidden_shared(model, prefix, suf.to(device), first)
                 if not checked:  # sharing must reproduce the plain split forward (an architecture check,
                     # in the weights' precision without autocast, so that rounding is not mistaken for it)
                     with torch.autocast(device_type=device.type, enabled=False):
@@ -552,7 +552,7 @@ def _build_cache_shared(model: nn.Module, examples: Sequence[TokenizedExample], 
                                                  for i in idx[:2]], device)
                         plain = lower_hidden(model, ids, mask, first)
                         _check_split(model, ids, mask, plain, first)
-                        cph, csh = lower_hidden_shared(model, prefix, suf[:2].to(device), lens[:2], first)
+                        cph, csh = lower_hidden_shared(model, prefix, suf[:2].to(device), first)
                         for j in range(len(idx[:2])):
                             got = torch.cat([cph, csh[j, : lens[j]]]).float()
                             want = plain[j, : p + int(lens[j])].float()
@@ -671,10 +671,9 @@ def _prefix_supported(backbone: nn.Module) -> bool:
             and "layer_type" not in inspect.signature(backbone.rotary_emb.forward).parameters)
 
 
-def lower_hidden_shared(model: nn.Module, prefix: torch.Tensor, suffixes: torch.Tensor, lengths: torch.Tensor,
-                        first_trained: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lower_hidden_shared(model: nn.Module, prefix: torch.Tensor, suffixes: torch.Tensor, first_trained: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states entering layer ``first_trained`` for one prefix (1, P) of token ids and a
-    batch of suffixes (B, S) right-padded to ``lengths``: (prefix (P, H), suffixes (B, S, H))."""
+    batch of right-padded suffixes (B, S): (prefix (P, H), suffixes (B, S, H))."""
     import inspect
 
     backbone = _backbone(model)
