@@ -425,7 +425,8 @@ def test_early_stopping_and_its_identity(tiny_model_dir, tmp_path):
         FinetuneConfig(early_stop_patience=2)
 
 
-def test_shared_prefix_cache_is_exact(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefix_cache_is_exact(tiny_model_dir, tmp_path, attn):
     """The lower-layer cache built once per shared prefix equals the plain one within 1e-5 (fp32),
     with prompts of three questions of different lengths, and a one-off prompt that shares nothing."""
     from transformers import AutoTokenizer
@@ -433,6 +434,7 @@ def test_shared_prefix_cache_is_exact(tiny_model_dir, tmp_path):
     from selfinterp.finetune import _build_cache, _collate, load_base, prefix_groups
 
     model, _ = load_base(str(tiny_model_dir))
+    model.config._attn_implementation = attn  # eager attention adds its mask to the scores, sdpa takes booleans
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = paired_examples(30, n_groups=3)
     for r in rows:  # one question longer than the others: prefixes of different lengths
@@ -442,6 +444,8 @@ def test_shared_prefix_cache_is_exact(tiny_model_dir, tmp_path):
     groups = prefix_groups(ex, tok)
     shared = [p for p, members in groups if len(members) > 1]
     assert len(shared) >= 3 and len(set(shared)) >= 2 and sum(len(m) for _, m in groups) == len(ex)
+    for p, members in groups:  # a group's length is a prefix every member really shares
+        assert all(ex[i].input_ids[:p] == ex[members[0]].input_ids[:p] for i in members)
     device = torch.device("cpu")
     plain = _build_cache(model, ex, 1, FinetuneConfig(layers=1, cache_lower_layers=True, autocast=None, share_prefix=False), device)
     fast = _build_cache(model, ex, 1, FinetuneConfig(layers=1, cache_lower_layers=True, autocast=None, share_prefix=True), device, tokenizer=tok)
@@ -453,3 +457,19 @@ def test_shared_prefix_cache_is_exact(tiny_model_dir, tmp_path):
     lp, lf = top_logits(model, x_p, m_p, 1), top_logits(model, x_f, m_f, 1)
     real = m_p.bool()
     assert (lp[real] - lf[real]).abs().max().item() < 1e-5
+
+
+def test_prefix_groups_use_the_prefix_all_members_share(smollm2_tokenizer_dir):
+    """Two members that agree beyond their shared lines must not stretch the group's prefix over a
+    third that does not (the length is the minimum over members, each compared from the lines on)."""
+    from transformers import AutoTokenizer
+
+    from selfinterp.finetune import prefix_groups
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    head = "System line one.\nThe question is shared by all of us here.\n"
+    tails = ["Option A: 12 apples and more", "Option A: 12 apples and less", "Option B: 7 pears"]
+    ex = [tokenize_example(tok, [{"role": "user", "content": head + t}, {"role": "assistant", "content": "A"}])
+          for t in tails * 3]
+    for p, members in prefix_groups(ex, tok):
+        assert all(ex[i].input_ids[:p] == ex[members[0]].input_ids[:p] for i in members)

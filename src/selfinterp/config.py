@@ -43,7 +43,7 @@ class TrainSettings(Strict):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     cache_lower_layers: bool = False
     cache_dtype: Literal["float32", "bfloat16"] = "float32"
-    share_prefix: bool = Field(False, description="experimental, off by default: with the cache, run each scenario's shared prompt prefix "
+    share_prefix: bool = Field(True, description="with the cache: run each scenario's shared prompt prefix "
                                "through the frozen layers once (exact)")
     autocast: Optional[Literal["bfloat16", "float16"]] = "bfloat16"
     max_length: int = Field(1024, ge=16)

@@ -98,7 +98,7 @@ class FinetuneConfig:
     cache_dtype: Literal["float32", "bfloat16"] = "float32"
     # With the cache: run each group's shared prompt prefix through the frozen layers once, then
     # only each prompt's suffix (exact; about half of a decision prompt is shared). Stored once.
-    share_prefix: bool = False  # experimental: differed from the plain cache in some runs (see the note in README)
+    share_prefix: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights (fp32 + autocast was fastest on CPU)
     autocast: Literal["bfloat16", "float16"] | None = "bfloat16"  # None: compute in `dtype`
     # What the loss covers: the answer's tokens only, or also the end-of-turn marker after them.
@@ -491,10 +491,7 @@ def _build_cache(model: nn.Module, examples: Sequence[TokenizedExample], first: 
     Examples are run in length-sorted batches (little padding; right padding leaves the real
     tokens' states unchanged under a causal mask).
     """
-    # Not yet for peft-wrapped models: the shared path differed from the plain one there (0.07 on the
-    # tiny LoRA test model, under investigation), so LoRA runs take the plain path.
-    if config.share_prefix and tokenizer is not None and not hasattr(model, "get_base_model") \
-            and _prefix_supported(_backbone(model)):
+    if config.share_prefix and tokenizer is not None and _prefix_supported(_backbone(model)):
         return _build_cache_shared(model, examples, first, config, device, tokenizer, 2 * batch, progress)
     out: list[torch.Tensor | None] = [None] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
@@ -632,12 +629,12 @@ def prefix_groups(examples: Sequence[TokenizedExample], tokenizer: Any, min_pref
     out, grouped = [], set()
     for node in nodes:
         group = members[node]
-        p = length[node]
+        p = None
         for i in group[1:]:  # the group's true common prefix (at least the node's lines)
-            k = p
+            k = length[node]  # each member agrees with the first up to the node, maybe further
             while k < len(ids[i]) - 1 and k < len(ids[group[0]]) - 1 and ids[i][k] == ids[group[0]][k]:
                 k += 1
-            p = k if i == group[1] else min(p, k)
+            p = k if p is None else min(p, k)
         out.append((p, group))
         grouped.update(group)
     out += [(0, [i]) for i in range(n) if i not in grouped]
@@ -661,13 +658,17 @@ class _PrefixKV:
         return torch.cat([pk.expand(b, -1, -1, -1), k.to(pk.dtype)], 2), torch.cat([pv.expand(b, -1, -1, -1), v.to(pv.dtype)], 2)
 
 
+def _attn_impl(backbone: nn.Module) -> str:
+    return getattr(backbone.config, "_attn_implementation", None) or "eager"
+
+
 def _prefix_supported(backbone: nn.Module) -> bool:
     """Shared prefixes are run with one causal mask and one rotary table for all layers."""
     import inspect
 
     config = backbone.config
     types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    return (types == {"full_attention"} and not getattr(config, "sliding_window", None)
+    return (types == {"full_attention"} and _attn_impl(backbone) in ("sdpa", "eager") and not getattr(config, "sliding_window", None)
             and "layer_type" not in inspect.signature(backbone.rotary_emb.forward).parameters)
 
 
@@ -690,6 +691,9 @@ def lower_hidden_shared(model: nn.Module, prefix: torch.Tensor, suffixes: torch.
     causal = torch.tril(torch.ones(S, S, dtype=torch.bool, device=dev))
     m_p = torch.tril(torch.ones(P, P, dtype=torch.bool, device=dev))[None, None]
     m_s = torch.cat([torch.ones(B, S, P, dtype=torch.bool, device=dev), causal[None].expand(B, -1, -1)], 2)[:, None]
+    if _attn_impl(backbone) == "eager":  # eager attention adds its mask to the scores: 0 / -inf, not True / False
+        m_p, m_s = (torch.zeros(m.shape, dtype=h.dtype, device=dev).masked_fill(~m, torch.finfo(h.dtype).min)
+                    for m in (m_p, m_s))
     kv = _PrefixKV()
     for layer in backbone.layers[:first_trained]:
         h = layer(h, attention_mask=m_p, position_ids=pos_p, position_embeddings=pe_p, use_cache=True, **{name: kv})
