@@ -34,6 +34,20 @@ def paper_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def paper_table_data() -> Path:
+    """The files the paper's table is computed from: ../shared/paper-data, else the cache that
+    `selfinterp data paper` fills (checked against the manifest), else skip."""
+    if (PAPER_DATA / "scenarios.csv").exists():
+        return PAPER_DATA
+    from selfinterp.paperdata import PaperDataError, location
+
+    try:
+        return location()
+    except PaperDataError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """A directory holding SmolLM2-135M-Instruct's tokenizer (with its chat template)."""
     gguf = smollm2_gguf()

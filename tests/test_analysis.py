@@ -25,9 +25,9 @@ MODELS = ("gpt-4o-2024-08-06", "gpt-4o-mini-2024-07-18")
 
 
 @pytest.fixture(scope="module")
-def results(paper_data, tmp_path_factory):
+def results(paper_table_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis")
-    res = CliRunner().invoke(app, ["analyze", str(paper_data), "--out", str(out), "--n-boot", "500"])
+    res = CliRunner().invoke(app, ["analyze", str(paper_table_data), "--out", str(out), "--n-boot", "500"])
     assert res.exit_code == 0, res.output
     return out, json.loads((out / "results.json").read_text())
 

@@ -167,8 +167,9 @@ def export(
 
 @app.command()
 def analyze(
-    directory: Path = typer.Argument(..., help="A results directory in the paper's layout (or a selfinterp run)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write results.json and figures (default: DIRECTORY/analysis)."),
+    directory: Optional[Path] = typer.Argument(None, help="A results directory in the paper's layout (or a selfinterp run)."),
+    paper: bool = typer.Option(False, "--paper", help="Analyse the paper's data from the cache (`selfinterp data paper` puts them there)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write results.json and figures (default: DIRECTORY/analysis; with --paper, results/paper)."),
     n_boot: int = typer.Option(2000, help="Bootstrap resamples for the CIs."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
     figures: bool = typer.Option(True, help="Write PNG figures."),
@@ -179,6 +180,7 @@ def analyze(
 
     if n_boot < 1:
         fail("--n-boot must be >= 1")
+    directory, out = _analysis_source(directory, paper, out)
     try:
         a = analysis.analyze(directory, n_boot=n_boot, seed=seed)
     except LayoutError as e:
@@ -196,6 +198,21 @@ def analyze(
 
         written = write_all(a, out)
     console.print(f"wrote {out / 'results.json'}" + (f" and {len(written)} figures" if written else ""))
+
+
+def _analysis_source(directory: Optional[Path], paper: bool, out: Optional[Path]) -> tuple[Path, Optional[Path]]:
+    """DIRECTORY, or with --paper the cached paper data (whose results go to results/paper)."""
+    if paper == (directory is not None):
+        fail("give a results DIRECTORY or --paper (the paper's data, from `selfinterp data paper`), not both" if paper
+             else "give a results DIRECTORY, or --paper for the paper's data")
+    if not paper:
+        return directory, out
+    from .paperdata import PaperDataError, location
+
+    try:
+        return location(), out or Path("results") / "paper"
+    except PaperDataError as e:
+        fail(str(e))
 
 
 _CAPTION = ("r: Pearson r over scenario x attribute cells (mean report vs learned weights; instillation: learned vs "
@@ -223,6 +240,45 @@ def print_results(results: dict) -> None:
             if flags.get(key, {}).get("not_identified"):
                 err.print(f"[yellow]{model}: {len(flags[key]['not_identified'])} scenario(s) without identified "
                           f"{key.replace('_', ' ')} (left out): {flags[key]['not_identified']}[/]")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+data_app = typer.Typer(help="Data sets fetched on demand (the paper's data: `selfinterp data paper`).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("paper")
+def data_paper(
+    source: Optional[Path] = typer.Option(None, "--from", help="Fill the cache from a local copy of the files (offline machines), checked the same way."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", envvar="SELFINTERP_PAPER_DATA_URL",
+                                           help="URL of a folder holding the files (default: the authors' repository on GitHub at the pinned commit)."),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for the server before giving up."),
+) -> None:
+    """Download the paper's data (the authors' data/ at a pinned commit) into the cache, each file's sha256 checked."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from .paperdata import PaperDataError, fetch, manifest
+
+    m = manifest()
+    where = str(source) if source else (base_url or m.default_url)
+    err.print(f"the paper's data ({m.repository} at {m.commit[:7]}, {len(m.files)} files) from {where}", highlight=False)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   console=err, disable=not err.is_terminal)
+    task = bar.add_task("paper data", total=sum(e.bytes for e in m.files))
+    try:
+        with bar:
+            directory, done = fetch(base_url, source, timeout=timeout,
+                                    on_file=lambda e: bar.update(task, description=e.name),
+                                    on_bytes=lambda n: bar.advance(task, n))
+    except PaperDataError as e:
+        fail(str(e))
+    counts = {how: sum(f.how == how for f in done) for how in ("downloaded", "copied", "cached", "absent")}
+    summary = ", ".join(f"{n} {how}" for how, n in counts.items() if n)
+    console.print(f"the paper's data are in {directory} ({summary}); next: selfinterp analyze --paper",
+                  highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,10 +98,14 @@ REGISTRY: dict[str, ModelSpec] = {
 # Where things are
 
 
-def cache_root() -> Path:
+def cache_base() -> Path:
+    """selfinterp's cache: ``$SELFINTERP_CACHE``, else ``~/.cache/selfinterp`` (models, the paper's data)."""
     base = os.environ.get("SELFINTERP_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "selfinterp"
-    return root / "models"
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "selfinterp"
+
+
+def cache_root() -> Path:
+    return cache_base() / "models"
 
 
 def cache_dir(name: str) -> Path:
