@@ -47,6 +47,15 @@ def paper_table_data() -> Path:
         pytest.skip(str(e))
 
 
+SYNTHETIC = Path(__file__).resolve().parent / "data" / "synthetic"
+
+
+@pytest.fixture(scope="session")
+def synthetic_data() -> Path:
+    """A small run of the simulated backend in the paper's layout, committed (tests/data/make_synthetic.py)."""
+    return SYNTHETIC
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """A directory holding SmolLM2-135M-Instruct's tokenizer (with its chat template)."""

@@ -1,0 +1,79 @@
+"""The whole analysis on a small committed study of the simulated backend (tests/data/synthetic),
+so that every clone tests it, with or without the paper's data."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from selfinterp.analysis import CONDITIONS, EFFECTS
+from selfinterp.cli import app
+
+
+def analyze(directory, out, *extra):
+    res = CliRunner().invoke(app, ["analyze", str(directory), "--out", str(out), "--n-boot", "300", *extra])
+    assert res.exit_code == 0, res.output
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def results(synthetic_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    return out, analyze(synthetic_data, out)
+
+
+def test_every_condition_and_effect_is_computed(results):
+    _, j = results
+    assert list(j["models"]) == ["simulated"]
+    conds = j["models"]["simulated"]
+    assert list(conds) == [c.name for c in CONDITIONS]
+    assert list(j["effects"]["simulated"]) == [name for name, _, _ in EFFECTS]
+    for name, c in conds.items():
+        assert -1 <= c["ci"][0] <= c["r"] <= c["ci"][1] <= 1, name
+    assert conds["instillation"]["n_scenarios"] == 12 and conds["instillation"]["n_choices"] == 480
+    assert conds["itrained_first_half_trained"]["n_scenarios"] == 6
+    assert conds["native_itrained_reports"]["n_scenarios"] == 8 and conds["native_itrained_reports"]["n_reports"] == 32
+    diag = j["diagnostics"]["simulated"]
+    assert diag["learned_weights"]["source"] == "refit from choices" and not diag["learned_weights"]["not_identified"]
+
+
+def test_results_are_sane(results):
+    """What the simulated decision-maker was set up to do: instillation takes, the base model's
+    reports carry no information, introspection training makes reports more accurate."""
+    _, j = results
+    c = j["models"]["simulated"]
+    assert c["instillation"]["r"] > 0.85
+    assert c["base_reports"]["ci"][0] < 0 < c["base_reports"]["ci"][1]
+    assert 0 < c["instilled_reports"]["r"] < c["itrained_heldout"]["r"]
+    assert c["native_instilled_reports"]["r"] < c["native_itrained_reports"]["r"]
+    for e in j["effects"]["simulated"].values():
+        assert e["diff"] > 0.1
+
+
+def test_deterministic(results, synthetic_data, tmp_path):
+    out, j = results
+    again = analyze(synthetic_data, tmp_path, "--no-figures")
+    assert again["models"] == j["models"] and again["effects"] == j["effects"]
+    other_seed = analyze(synthetic_data, tmp_path / "seed1", "--no-figures", "--seed", "1")
+    c0, c1 = j["models"]["simulated"], other_seed["models"]["simulated"]
+    assert c1["instilled_reports"]["r"] == c0["instilled_reports"]["r"]  # the point estimate is no draw
+    assert c1["instilled_reports"]["ci"] != c0["instilled_reports"]["ci"]  # its bootstrap is
+
+
+def test_figures(results):
+    out, _ = results
+    assert sorted(p.name for p in out.glob("*.png")) == ["accuracy_simulated.png", "scatter_simulated.png"]
+
+
+def test_fixture_is_what_the_script_makes(synthetic_data, tmp_path):
+    """The committed files are the script's output (re-make them with tests/data/make_synthetic.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_synthetic", synthetic_data.parent / "make_synthetic.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    made = mod.make(tmp_path / "made")
+    assert sorted(p.name for p in made.iterdir()) == sorted(p.name for p in synthetic_data.iterdir())
+    for p in made.iterdir():
+        assert p.read_bytes() == (synthetic_data / p.name).read_bytes(), \
+            f"{p.name} differs from what tests/data/make_synthetic.py makes now: re-make the fixture if the change is meant"
