@@ -117,7 +117,8 @@ def test_empty_directory_is_a_clear_error(tmp_path):
     assert res.exit_code == 1 and "not a directory" in res.output
 
 
-def test_incomplete_report_rows_are_counted(paper_data, tmp_path):
+def test_empty_report_cells_are_an_error(paper_data, tmp_path):
+    """Once counted and left out; now an error like every empty cell (tests/test_analysis_validation.py)."""
     d = _copy(paper_data, tmp_path, ["gpt-4o-2024-08-06_regression_results.csv"])
     name = "gpt-4o-2024-08-06_instilled_weight_reports.csv"
     lines = (paper_data / name).read_text().splitlines()
@@ -125,8 +126,8 @@ def test_incomplete_report_rows_are_counted(paper_data, tmp_path):
     cells[3] = ""
     lines[1] = ",".join(cells)
     (d / name).write_text("\n".join(lines) + "\n")
-    res = analysis.analyze(d, n_boot=10).models["gpt-4o-2024-08-06"]
-    assert res.diagnostics["reports"]["instilled_reports"] == {"file": name, "n_reports": 999, "n_incomplete": 1}
+    with pytest.raises(layout.LayoutError, match=f"{name}: line 2, column report_attr1: is empty"):
+        analysis.analyze(d, n_boot=10)
 
 
 def test_classify_file_names():

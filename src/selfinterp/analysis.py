@@ -87,6 +87,7 @@ class Analysis:
     models: dict[str, ModelResult]
     n_boot: int
     seed: int
+    notes: list[str] = field(default_factory=list)  # kept but counted, skipped, substituted: printed
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +106,8 @@ def learn(choices: layout.Choices, ranges: layout.Ranges) -> Learned:
     ids = list(dict.fromkeys(choices.scenario))  # first-seen order
     unknown = [s for s in ids if s not in ranges.lo]
     if unknown:
-        raise layout.LayoutError(f"choices name scenario(s) not in the scenario file: {', '.join(unknown[:5])}")
+        raise layout.LayoutError(f"choices name {len(unknown)} scenario(s) not in the scenario file: "
+                                 f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}")
     groups = []
     for s in ids:
         rows = choices.scenario == s
@@ -122,12 +124,17 @@ def _mean_reports(reports: layout.Reports) -> dict[str, np.ndarray]:
     return {s: reports.weights[reports.scenario == s] for s in dict.fromkeys(reports.scenario)}
 
 
-def _learned_weights(d: layout.Directory, model: str, ranges: layout.Ranges | None,
-                     choices_kind: str, regression_kind: str, diag: dict, key: str) -> dict[str, np.ndarray] | None:
+def _learned_weights(d: layout.Directory, model: str, ranges: layout.Ranges | None, scenarios_note: str,
+                     choices_kind: str, regression_kind: str, read: "_Reader", diag: dict,
+                     key: str) -> dict[str, np.ndarray] | None:
     files = d.files[model]
-    authors = layout.read_weights(files[regression_kind], K) if regression_kind in files else None
-    if choices_kind in files and ranges is not None:
-        learned = learn(layout.read_choices(files[choices_kind], K), ranges)
+    authors = read(layout.read_weights, files.get(regression_kind))
+    choices = read(layout.read_choices, files.get(choices_kind))
+    if choices is not None and ranges is not None:
+        try:
+            learned = learn(choices, ranges)
+        except layout.LayoutError as e:
+            raise layout.LayoutError(f"{files[choices_kind]}: {e}") from None
         diag[key] = {"source": learned.source, "n_choices": learned.n_choices,
                      "n_scenarios": len(learned.weights), "not_identified": learned.flags}
         if authors is not None:
@@ -137,27 +144,64 @@ def _learned_weights(d: layout.Directory, model: str, ranges: layout.Ranges | No
                     np.array([learned.weights[s] for s in common]), np.array([authors[s] for s in common]))
         return learned.weights
     if authors is not None:
-        diag[key] = {"source": f"{files[regression_kind].name} (no choices to refit from)",
-                     "n_scenarios": len(authors)}
+        why = scenarios_note if choices is not None else "no choices to refit from"
+        diag[key] = {"source": f"{files[regression_kind].name} ({why})", "n_scenarios": len(authors)}
+        read.note(f"{model}: {key.replace('_', ' ')} taken from the authors' {files[regression_kind].name} "
+                  f"({why})")
         return authors
+    if choices is not None:
+        read.note(f"{model}: {files[choices_kind].name} not used ({scenarios_note}); the conditions that need "
+                  f"{key.replace('_', ' ')} are left out")
     return None
 
 
-def analyze_model(d: layout.Directory, model: str, n_boot: int = stats.N_BOOT, seed: int = 0) -> ModelResult:
+class _Reader:
+    """Reads a directory's files under one :class:`layout.Findings`; a file with no rows is noted
+    and read as absent. ``notes`` are the lines the console prints: what was skipped, dropped or
+    substituted, and what was kept but counted."""
+
+    def __init__(self, strict: bool):
+        self.findings = layout.Findings(strict=strict)
+        self.skipped: list[str] = []
+
+    def __call__(self, read, path: Path | None, *args):
+        if path is None:
+            return None
+        try:
+            return read(path, K, self.findings, *args)
+        except layout.EmptyFile as e:
+            self.skipped.append(f"{e}: skipped, with what needs it")
+            return None
+
+    def note(self, message: str) -> None:
+        self.skipped.append(message)
+
+    @property
+    def notes(self) -> list[str]:
+        return self.findings.kept + self.skipped
+
+
+def analyze_model(d: layout.Directory, model: str, n_boot: int = stats.N_BOOT, seed: int = 0,
+                  read: _Reader | None = None) -> ModelResult:
+    read = read or _Reader(strict=False)
     files = d.files[model]
     result = ModelResult()
     diag = result.diagnostics
-    ranges = layout.read_ranges(d.scenarios, K) if d.scenarios is not None else None
+    ranges = read(layout.read_ranges, d.scenarios)
+    scenarios_note = ("no scenarios.csv or scenarios.json to refit the choices with" if d.scenarios is None
+                      else f"{d.scenarios.name} has no rows to refit the choices with")
     if ranges is None and ("selections" in files or "native_selections" in files):
-        diag["warning"] = f"{d.root} has no scenarios.csv or scenarios.json: choices cannot be refitted"
+        diag["warning"] = f"{d.root}: {scenarios_note}: choices cannot be refitted"
     weight_sets = {
-        "learned": _learned_weights(d, model, ranges, "selections", "regression", diag, "learned_weights"),
-        "native_learned": _learned_weights(d, model, ranges, "native_selections", "native_regression", diag,
-                                           "native_learned_weights"),
-        "instilled": layout.read_weights(d.instilled_weights, K) if d.instilled_weights else None,
+        "learned": _learned_weights(d, model, ranges, scenarios_note, "selections", "regression", read, diag,
+                                    "learned_weights"),
+        "native_learned": _learned_weights(d, model, ranges, scenarios_note, "native_selections",
+                                           "native_regression", read, diag, "native_learned_weights"),
+        "instilled": read(layout.read_weights, d.instilled_weights),
     }
-    reports = {kind: layout.read_reports(files[kind], K) for kind in files if kind.endswith("_reports")}
-    diag["reports"] = {kind: {"file": files[kind].name, "n_reports": len(r.weights), "n_incomplete": r.n_incomplete}
+    reports = {kind: r for kind in files if kind.endswith("_reports")
+               if (r := read(layout.read_reports, files[kind])) is not None}
+    diag["reports"] = {kind: {"file": files[kind].name, "n_reports": len(r.weights), "n_outside_scale": r.n_outside}
                        for kind, r in reports.items()}
 
     for cond in CONDITIONS:
@@ -172,6 +216,8 @@ def analyze_model(d: layout.Directory, model: str, n_boot: int = stats.N_BOOT, s
             x = np.array([learned[s] for s in ids])
             y = np.array([target[s] for s in ids])
             if len(ids) < 2:
+                read.note(f"{model}: {cond.name} left out: {len(ids)} scenario(s) with both learned and "
+                          "instilled weights (at least 2 needed)")
                 continue
             c = stats.correlate(x, y, n_boot=n_boot, seed=seed)
             result.conditions[cond.name] = ConditionResult(
@@ -189,7 +235,15 @@ def analyze_model(d: layout.Directory, model: str, n_boot: int = stats.N_BOOT, s
                     strata.append(g)
                 else:
                     skipped.append(s)
+        if skipped:
+            diag.setdefault("reports_without_weights", {})[cond.name] = sorted(set(skipped))
+            names = sorted(set(skipped))
+            read.note(f"{model}: {cond.name}: reports on {len(names)} scenario(s) without "
+                      f"{cond.weights.replace('_', ' ')} weights left out ({', '.join(names[:5])}"
+                      f"{', ...' if len(names) > 5 else ''})")
         if len(rows) < 2:
+            read.note(f"{model}: {cond.name} left out: {len(rows)} scenario(s) with both reports and "
+                      f"{cond.weights.replace('_', ' ')} weights (at least 2 needed)")
             continue
         x = np.array([reps.mean(axis=0) for _, reps in rows])
         y = np.array([target[s] for s, _ in rows])
@@ -203,8 +257,6 @@ def analyze_model(d: layout.Directory, model: str, n_boot: int = stats.N_BOOT, s
             x=stats.pooled_zscored([x[np.array(strata) == g] for g in range(len(cond.reports))]) if pooled else x,
             y=stats.pooled_zscored([y[np.array(strata) == g] for g in range(len(cond.reports))]) if pooled else y,
             scenarios=[s for s, _ in rows])
-        if skipped:
-            diag.setdefault("reports_without_weights", {})[cond.name] = sorted(set(skipped))
 
     for name, base, trained in EFFECTS:
         if base in result.conditions and trained in result.conditions:
@@ -231,13 +283,18 @@ def _effect(result: ModelResult, reports: dict, weight_sets: dict, base: str, tr
                          strata if pooled else None, strata if pooled else None, n_boot=n_boot, seed=seed)
 
 
-def analyze(root: str | Path, n_boot: int = stats.N_BOOT, seed: int = 0) -> Analysis:
+def analyze(root: str | Path, n_boot: int = stats.N_BOOT, seed: int = 0, strict: bool = False) -> Analysis:
+    """The paper's table for every model in ``root``. Every cell is validated (:mod:`selfinterp.layout`);
+    what was kept but counted, skipped or substituted is in ``Analysis.notes`` (the console prints
+    them); ``strict`` refuses what would otherwise be kept and counted."""
     d = layout.scan(root)
     if not d.models:
         raise layout.LayoutError(
             f"{root}: no results files found (expected names like <model>_instilled_selections.csv "
             "or <model>_weight_reports.csv)")
-    return Analysis(Path(root), {m: analyze_model(d, m, n_boot, seed) for m in d.models}, n_boot, seed)
+    read = _Reader(strict)
+    models = {m: analyze_model(d, m, n_boot, seed, read) for m in d.models}
+    return Analysis(Path(root), models, n_boot, seed, list(dict.fromkeys(read.notes)))
 
 
 def to_json(a: Analysis) -> dict:
@@ -259,4 +316,5 @@ def to_json(a: Analysis) -> dict:
                         for name, e in r.effects.items()} for m, r in a.models.items()},
         "diagnostics": {m: r.diagnostics for m, r in a.models.items()},
         "labels": {c.name: c.label for c in CONDITIONS},
+        "notes": a.notes,
     }

@@ -173,8 +173,12 @@ def analyze(
     n_boot: int = typer.Option(2000, help="Bootstrap resamples for the CIs."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
     figures: bool = typer.Option(True, help="Write PNG figures."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse what is otherwise kept and counted: report values outside [-100, 100], rows repeated exactly."),
 ) -> None:
-    """Reproduce the paper's table: accuracy of self-reports per model and condition."""
+    """Reproduce the paper's table: accuracy of self-reports per model and condition.
+
+    Every cell is checked: a bad one is an error naming file, line and column; what is kept but
+    counted, skipped or substituted is printed as a note."""
     from . import analysis
     from .layout import LayoutError
 
@@ -182,7 +186,7 @@ def analyze(
         fail("--n-boot must be >= 1")
     directory, out = _analysis_source(directory, paper, out)
     try:
-        a = analysis.analyze(directory, n_boot=n_boot, seed=seed)
+        a = analysis.analyze(directory, n_boot=n_boot, seed=seed, strict=strict)
     except LayoutError as e:
         fail(str(e))
     out = out or (directory / "analysis")
@@ -221,6 +225,8 @@ _CAPTION = ("r: Pearson r over scenario x attribute cells (mean report vs learne
 
 
 def print_results(results: dict) -> None:
+    from rich.markup import escape
+
     for model, conds in results["models"].items():
         t = Table(title=model, title_justify="left", caption=_CAPTION, caption_justify="left")
         for col, just in (("condition", "left"), ("r", "right"), ("95% CI", "right"), ("scen.", "right"),
@@ -239,7 +245,9 @@ def print_results(results: dict) -> None:
         for key in ("learned_weights", "native_learned_weights"):
             if flags.get(key, {}).get("not_identified"):
                 err.print(f"[yellow]{model}: {len(flags[key]['not_identified'])} scenario(s) without identified "
-                          f"{key.replace('_', ' ')} (left out): {flags[key]['not_identified']}[/]")
+                          f"{key.replace('_', ' ')} (left out): {escape(str(flags[key]['not_identified']))}[/]")
+    for note in results.get("notes", []):  # kept but counted, skipped, substituted: never only in results.json
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,6 +287,52 @@ def data_paper(
     summary = ", ".join(f"{n} {how}" for how, n in counts.items() if n)
     console.print(f"the paper's data are in {directory} ({summary}); next: selfinterp analyze --paper",
                   highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------------------------
+# compare
+
+
+@app.command()
+def compare(
+    runs: Optional[list[Path]] = typer.Argument(None, help="Run directories, or any directories in the paper's layout."),
+    paper: bool = typer.Option(False, "--paper", help="Add the paper's data from the cache (`selfinterp data paper`)."),
+    out: Path = typer.Option(Path("comparison"), "--out", "-o", help="Where to write comparison.md, comparison.csv, settings.csv and comparison.png."),
+    n_boot: int = typer.Option(2000, help="Bootstrap resamples for the CIs (the same for every source)."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+) -> None:
+    """Compare runs: every condition's r with its CI across runs (seeds, models, settings), and the settings that differ."""
+    from .comparison import compare as make_comparison
+    from .layout import LayoutError
+    from .paperdata import PaperDataError
+
+    if not runs and not paper:
+        fail("give one or more run or results directories (and/or --paper)")
+    if n_boot < 1:
+        fail("--n-boot must be >= 1")
+    try:
+        c = make_comparison(runs or [], paper=paper, n_boot=n_boot, seed=seed)
+    except (LayoutError, PaperDataError) as e:
+        fail(str(e))
+    wide = c.wide()
+    t = Table(title=f"r [95% CI] across {len(c.sources)} sources", title_justify="left")
+    t.add_column("condition", no_wrap=True)
+    for col in wide.columns:
+        t.add_column(str(col), justify="right")
+    for name, row in wide.iterrows():
+        t.add_row(name, *row.tolist())
+    console.print(t)
+    st = c.settings()
+    if len(st):
+        s = Table(title="settings that differ", title_justify="left")
+        s.add_column("setting", no_wrap=True)
+        for col in st.columns:
+            s.add_column(str(col))
+        for name, row in st.iterrows():
+            s.add_row(name, *row.tolist())
+        console.print(s)
+    paths = c.write(out)
+    console.print(f"wrote {', '.join(str(p) for p in paths)}", highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------

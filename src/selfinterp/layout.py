@@ -19,6 +19,7 @@ Runs written by this tool use the same layout, so one analysis serves both.
 
 from __future__ import annotations
 
+import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,10 @@ KINDS: list[tuple[str, re.Pattern]] = [
 
 class LayoutError(ValueError):
     """A results file is missing, unreadable or lacks what the analysis needs."""
+
+
+class EmptyFile(LayoutError):
+    """A results file with no rows (empty, or a header only): its conditions are skipped, with a note."""
 
 
 def classify(name: str) -> tuple[str, str] | None:
@@ -90,32 +95,154 @@ def scan(root: str | Path) -> Directory:
     return d
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+# --------------------------------------------------------------------------------------------
+# One rule set for every cell of every file:
+#
+# - an error naming file, line and column: a cell that is not a finite number where a number
+#   belongs (text, NaN, inf, empty), a row with fewer or more cells than the header, a selection
+#   other than A/B, a scenario (or weight row) defined twice with different values;
+# - kept, counted and printed (an error with ``strict``): report values outside [-100, 100] (the
+#   authors' own files hold a few, and their analysis used them) and rows that repeat an earlier
+#   row exactly;
+# - a file with no rows: :class:`EmptyFile`, and the analysis skips what needs it, with a note.
+
+#: The scale of weights and reports; values outside it are kept but counted.
+SCALE = 100.0
+
+
+@dataclass
+class Findings:
+    """What reading kept but counted. Every entry is one line for the console; ``strict``
+    turns each into an error instead."""
+
+    strict: bool = False
+    kept: list[str] = field(default_factory=list)
+
+    def keep(self, message: str) -> None:
+        if self.strict:
+            raise LayoutError(f"{message} (refused: --strict)")
+        self.kept.append(message)
+
+
+@dataclass(frozen=True)
+class Table:
+    """A CSV file as text cells, with the physical line of each row (for messages)."""
+
+    path: Path
+    columns: list[str]
+    rows: list[list[str]]
+    lines: list[int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def require(self, columns: list[str]) -> None:
+        missing = [c for c in columns if c not in self.columns]
+        if missing:
+            raise LayoutError(f"{self.path}: missing column(s) {', '.join(missing)} (has: {', '.join(self.columns)})")
+
+    def text(self, column: str) -> np.ndarray:
+        j = self.columns.index(column)
+        return np.array([r[j] for r in self.rows], dtype=object)
+
+    def numeric(self, columns: list[str]) -> np.ndarray:
+        """The columns as floats; a cell that is not a finite number is an error naming its line and column."""
+        out = np.empty((len(self.rows), len(columns)))
+        for j, c in enumerate(columns):
+            cells = self.text(c)
+            values = pd.to_numeric(pd.Series([c.strip() for c in cells]), errors="coerce").to_numpy(dtype=float)
+            bad = np.flatnonzero(~np.isfinite(values))
+            if len(bad):
+                i = int(bad[0])
+                cell = cells[i]
+                what = ("is empty" if not cell.strip() else
+                        f"{cell!r} is not a finite number" if cell.strip().lower().lstrip("+-") in ("nan", "inf", "infinity")
+                        else f"{cell!r} is not a number")
+                more = f" ({len(bad)} such cells in this column)" if len(bad) > 1 else ""
+                raise LayoutError(f"{self.path}: line {self.lines[i]}, column {c}: {what}{more}")
+            out[:, j] = values
+        return out
+
+    def count_duplicates(self, findings: Findings) -> None:
+        """Rows that repeat an earlier row exactly: kept, counted."""
+        first: dict[tuple, int] = {}
+        dups = []
+        for row, line in zip(self.rows, self.lines):
+            key = tuple(c.strip() for c in row)
+            if key in first:
+                dups.append((line, first[key]))
+            else:
+                first[key] = line
+        if dups:
+            findings.keep(f"{self.path}: {len(dups)} row(s) repeat an earlier row exactly (line {dups[0][0]} "
+                          f"repeats line {dups[0][1]}); kept, each counted as a row of its own")
+
+    def unique_by(self, key: str, columns: list[str]) -> list[int]:
+        """Indices of each ``key``'s first row; a key whose rows differ in ``columns`` is an error."""
+        jk = self.columns.index(key)
+        js = [self.columns.index(c) for c in columns]
+        first: dict[str, int] = {}
+        for i, row in enumerate(self.rows):
+            k = row[jk]
+            if k not in first:
+                first[k] = i
+                continue
+            other = self.rows[first[k]]
+            for c, j in zip(columns, js):
+                if not _same_cell(row[j], other[j]):
+                    raise LayoutError(
+                        f"{self.path}: line {self.lines[i]}, column {c}: {key} {k!r} is defined again with "
+                        f"{row[j]!r} (line {self.lines[first[k]]} has {other[j]!r}); keep one definition")
+        return list(first.values())
+
+
+def _same_cell(a: str, b: str) -> bool:
+    a, b = a.strip(), b.strip()
+    if a == b:
+        return True
     try:
-        return pd.read_csv(path)
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
+def read_table(path: Path) -> Table:
+    """Read a CSV file into text cells: every row must have the header's cells. No rows: EmptyFile."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header: list[str] | None = None
+            rows, lines = [], []
+            for row in reader:
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue  # blank line
+                if header is None:
+                    header = [c.strip() for c in row]
+                    dup = sorted({c for c in header if header.count(c) > 1})
+                    if dup:
+                        raise LayoutError(f"{path}: line {reader.line_num}: column(s) {', '.join(dup)} appear more "
+                                          "than once in the header")
+                    continue
+                if len(row) != len(header):
+                    what = (f"truncated row: {len(row)} of {len(header)} cells (no {', '.join(header[len(row):][:3])}"
+                            f"{', ...' if len(header) - len(row) > 3 else ''})" if len(row) < len(header)
+                            else f"{len(row)} cells, but the header names {len(header)}")
+                    raise LayoutError(f"{path}: line {reader.line_num}: {what}")
+                rows.append(row)
+                lines.append(reader.line_num)
     except FileNotFoundError:
         raise LayoutError(f"{path}: file not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except IsADirectoryError:
+        raise LayoutError(f"{path}: a directory, not a CSV file") from None
+    except UnicodeDecodeError as e:
+        raise LayoutError(f"{path}: not a UTF-8 text file (byte {e.start}): is it a CSV file?") from None
+    except csv.Error as e:
         raise LayoutError(f"{path}: not a readable CSV file ({e})") from None
-
-
-def _require(df: pd.DataFrame, path: Path, columns: list[str]) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise LayoutError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(map(str, df.columns))})")
-
-
-def _numeric(df: pd.DataFrame, path: Path, columns: list[str]) -> np.ndarray:
-    """The columns as floats; a cell that is not a number is an error naming its line and column."""
-    out = np.empty((len(df), len(columns)))
-    for j, c in enumerate(columns):
-        values = pd.to_numeric(df[c], errors="coerce")
-        bad = values.isna() & df[c].notna()
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise LayoutError(f"{path}: line {i + 2}, column {c}: {df[c].iloc[i]!r} is not a number")
-        out[:, j] = values.to_numpy(dtype=float)
-    return out
+    if header is None:
+        raise EmptyFile(f"{path}: empty file")
+    if not rows:
+        raise EmptyFile(f"{path}: no rows (a header only)")
+    return Table(path, header, rows, lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,26 +259,33 @@ class Ranges:
         return (values - self.lo[scenario]) / (self.hi[scenario] - self.lo[scenario])
 
 
-def read_ranges(path: Path, k: int) -> Ranges:
+def read_ranges(path: Path, k: int, findings: Findings | None = None) -> Ranges:
+    findings = findings or Findings()
     if path.suffix == ".json":
-        from .scenarios import load
+        from .scenarios import ScenarioError, load
 
-        ss = load(path, k=k)
+        try:
+            ss = load(path, k=k)
+        except ScenarioError as e:
+            raise LayoutError(str(e)) from None
         return Ranges({s.id: s.attribute_names for s in ss},
                       {s.id: np.array([a.min for a in s.attributes]) for s in ss},
                       {s.id: np.array([a.max for a in s.attributes]) for s in ss})
-    df = _read_csv(path)
+    t = read_table(path)
     cols = [f"attr{j}" for j in range(1, k + 1)]
     lo_cols = [f"{c}_min" for c in cols]
     hi_cols = [f"{c}_max" for c in cols]
-    _require(df, path, ["scenario"] + cols + lo_cols + hi_cols)
-    lo, hi = _numeric(df, path, lo_cols), _numeric(df, path, hi_cols)
+    t.require(["scenario"] + cols + lo_cols + hi_cols)
+    lo, hi = t.numeric(lo_cols), t.numeric(hi_cols)
     bad = np.flatnonzero(~(lo < hi).all(axis=1))
     if len(bad):
-        raise LayoutError(f"{path}: line {bad[0] + 2}: every attribute's min must be less than its max")
-    ids = df["scenario"].astype(str).tolist()
-    return Ranges({s: df.loc[i, cols].astype(str).tolist() for i, s in enumerate(ids)},
-                  dict(zip(ids, lo)), dict(zip(ids, hi)))
+        raise LayoutError(f"{path}: line {t.lines[bad[0]]}: every attribute's min must be less than its max")
+    t.count_duplicates(findings)
+    keep = t.unique_by("scenario", [c for c in t.columns if c != "scenario"])
+    ids = t.text("scenario")
+    names = np.array([t.text(c) for c in cols]).T
+    return Ranges({ids[i]: [str(n) for n in names[i]] for i in keep},
+                  {ids[i]: lo[i] for i in keep}, {ids[i]: hi[i] for i in keep})
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,59 +300,71 @@ class Choices:
     target: np.ndarray    # (n,) 1 = chose A, 0 = chose B, or P(A) when the file has a p_a column
 
 
-def read_choices(path: Path, k: int) -> Choices:
-    df = _read_csv(path)
+def read_choices(path: Path, k: int, findings: Findings | None = None) -> Choices:
+    findings = findings or Findings()
+    t = read_table(path)
     a_cols = [f"A_attribute_{j}" for j in range(1, k + 1)]
     b_cols = [f"B_attribute_{j}" for j in range(1, k + 1)]
-    soft = "p_a" in df.columns
-    _require(df, path, ["scenario"] + ([] if soft else ["selection"]) + a_cols + b_cols)
+    soft = "p_a" in t.columns
+    t.require(["scenario"] + ([] if soft else ["selection"]) + a_cols + b_cols)
     if soft:
-        target = _numeric(df, path, ["p_a"])[:, 0]
+        target = t.numeric(["p_a"])[:, 0]
         bad = np.flatnonzero(~((target >= 0) & (target <= 1)))
         if len(bad):
-            raise LayoutError(f"{path}: line {bad[0] + 2}, column p_a: must be a probability in [0, 1]")
+            raise LayoutError(f"{path}: line {t.lines[bad[0]]}, column p_a: {target[bad[0]]:g} is not a "
+                              "probability in [0, 1]")
     else:
-        sel = df["selection"].astype(str).str.strip().str.upper()
-        bad = np.flatnonzero(~sel.isin(["A", "B"]).to_numpy())
+        raw = t.text("selection")
+        sel = np.array([s.strip().upper() for s in raw])
+        bad = np.flatnonzero(~np.isin(sel, ["A", "B"]))
         if len(bad):
             i = bad[0]
-            raise LayoutError(f"{path}: line {i + 2}, column selection: {df['selection'].iloc[i]!r} is not A or B "
+            raise LayoutError(f"{path}: line {t.lines[i]}, column selection: {raw[i]!r} is not A or B "
                               f"({len(bad)} such row(s))")
-        target = (sel == "A").to_numpy(dtype=float)
-    return Choices(df["scenario"].astype(str).to_numpy(), _numeric(df, path, a_cols), _numeric(df, path, b_cols), target)
+        target = (sel == "A").astype(float)
+    a, b = t.numeric(a_cols), t.numeric(b_cols)
+    t.count_duplicates(findings)
+    return Choices(t.text("scenario").astype(str), a, b, target)
 
 
 @dataclass(frozen=True)
 class Reports:
     scenario: np.ndarray  # (n,) scenario ids
-    weights: np.ndarray   # (n, k) reported weights (rows with a missing value are kept out, and counted)
-    n_incomplete: int     # rows with a missing weight: counted, never silently dropped
+    weights: np.ndarray   # (n, k) reported weights
+    n_outside: int = 0    # rows with a value outside [-100, 100]: kept, counted
 
 
-def read_reports(path: Path, k: int) -> Reports:
-    df = _read_csv(path)
+def read_reports(path: Path, k: int, findings: Findings | None = None) -> Reports:
+    findings = findings or Findings()
+    t = read_table(path)
     cols = [f"report_attr{j}" for j in range(1, k + 1)]
-    _require(df, path, ["scenario"] + cols)
-    w = _numeric(df, path, cols)
-    complete = ~np.isnan(w).any(axis=1)
-    return Reports(df["scenario"].astype(str).to_numpy()[complete], w[complete], int((~complete).sum()))
+    t.require(["scenario"] + cols)
+    w = t.numeric(cols)
+    outside = np.abs(w) > SCALE
+    n_rows = int(outside.any(axis=1).sum())
+    if n_rows:
+        i, j = np.argwhere(outside)[0]
+        findings.keep(f"{path}: {int(outside.sum())} report value(s) in {n_rows} row(s) outside "
+                      f"[-{SCALE:g}, {SCALE:g}] (line {t.lines[i]}, column {cols[j]}: {w[i, j]:g}); kept as given")
+    t.count_duplicates(findings)
+    return Reports(t.text("scenario").astype(str), w, n_rows)
 
 
-def read_weights(path: Path, k: int) -> dict[str, np.ndarray]:
+def read_weights(path: Path, k: int, findings: Findings | None = None) -> dict[str, np.ndarray]:
     """``scenario, attr1..k`` (instilled) or ``scenario, b_attr1..k`` (regression results)."""
-    df = _read_csv(path)
+    findings = findings or Findings()
+    t = read_table(path)
     cols = [f"attr{j}" for j in range(1, k + 1)]
-    if cols[0] not in df.columns:
+    if cols[0] not in t.columns:
         cols = [f"b_attr{j}" for j in range(1, k + 1)]
-        if cols[0] not in df.columns:
+        if cols[0] not in t.columns:
             raise LayoutError(f"{path}: expected columns attr1..attr{k} or b_attr1..b_attr{k}")
-    _require(df, path, ["scenario"] + cols)
-    w = _numeric(df, path, cols)
-    ids = df["scenario"].astype(str)
-    dup = ids[ids.duplicated()]
-    if len(dup):
-        raise LayoutError(f"{path}: scenario {dup.iloc[0]!r} appears more than once")
-    return dict(zip(ids, w))
+    t.require(["scenario"] + cols)
+    w = t.numeric(cols)
+    t.count_duplicates(findings)
+    keep = t.unique_by("scenario", cols)
+    ids = t.text("scenario")
+    return {str(ids[i]): w[i] for i in keep}
 
 
 def write_weights(path: Path, weights: dict[str, np.ndarray], prefix: str = "b_attr") -> None:

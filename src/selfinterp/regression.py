@@ -67,8 +67,13 @@ def fit_preferences(X: np.ndarray, y: np.ndarray, mask: np.ndarray | None = None
         raise ValueError(f"mask must have shape {(S, n)}, got {m.shape}")
     if np.any(((y < 0) | (y > 1) | np.isnan(y)) & (m > 0)):
         raise ValueError("targets must be probabilities in [0, 1] (1 = chose A)")
-    X = np.where(m[..., None] > 0, np.nan_to_num(X), 0.0)
-    y = np.where(m > 0, np.nan_to_num(y), 0.0)
+    # No value is made up: a NaN or infinite difference in a trial that exists is the caller's
+    # error (the readers in layout.py name its file, line and column); padding is zeroed.
+    if not np.isfinite(X[m > 0]).all():
+        s, t = np.argwhere((m > 0) & ~np.isfinite(X).all(axis=2))[0]
+        raise ValueError(f"X must be finite in every trial that exists: scenario {s}, trial {t} is {X[s, t].tolist()}")
+    X = np.where(m[..., None] > 0, X, 0.0)
+    y = np.where(m > 0, y, 0.0)
 
     Z = np.concatenate([np.ones((S, n, 1)), X], axis=2) * m[..., None]  # intercept column first
     precision = np.full(k + 1, 1.0 / prior_sd**2)
