@@ -89,6 +89,31 @@ def test_batched_p_a_matches_one_prompt_at_a_time(backend, bank):
     assert np.max(np.abs(batched.mass - m_single)) < 1e-4
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefix_scoring_equals_whole_prompts(sharp_model_dir, bank, attn):
+    """Scoring with each scenario's prompt prefix run once gives the whole prompts' P(A) and mass
+    (float32, within 1e-5): scenarios of different prefix lengths, more prompts per scenario than
+    a batch holds, and a prompt that shares nothing with the others."""
+    from selfinterp.backends.hf import HFBackend, encode
+    from selfinterp.decoder import prefix_groups
+
+    shared = HFBackend(str(sharp_model_dir), batch_size=4, progress=False)
+    whole = HFBackend(str(sharp_model_dir), batch_size=4, progress=False, share_prefix=False)
+    for b in (shared, whole):
+        b.model.config._attn_implementation = attn
+    chats = decision_chats(bank, 3, 6)
+    for k, chat in enumerate(chats):  # three system prompts of different lengths: three prefix groups
+        chat[0] = {**chat[0], "content": "Context " + "and more " * (k // 6) + chat[0]["content"]}
+    chats.append([{"role": "user", "content": "Something else: A or B?"}])
+    groups = prefix_groups(encode(shared.tokenizer, [shared.render(c) for c in chats]), shared.tokenizer)
+    assert sum(len(m) > 1 for p, m in groups if p) >= 2 and len({p for p, _ in groups if p}) >= 2
+    assert shared.info["shared_prefix_scoring"] and not whole.info["shared_prefix_scoring"]
+    a, b = shared.choice_probs(chats), whole.choice_probs(chats)
+    assert np.std(b.p_a) > 1e-3
+    np.testing.assert_allclose(a.p_a, b.p_a, atol=1e-5)
+    np.testing.assert_allclose(a.mass, b.mass, atol=1e-5)
+
+
 def test_probabilities_are_in_range(backend, bank):
     cp = backend.choice_probs(decision_chats(bank, 2, 2))
     assert len(cp) == 4

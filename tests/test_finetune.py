@@ -15,9 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from selfinterp import chat_template  # noqa: E402
-from selfinterp.finetune import (  # noqa: E402
-    IGNORE, FinetuneConfig, finetune, load_finetuned, lower_hidden, tokenize_example, top_logits,
-)
+from selfinterp.decoder import lower_hidden, top_logits  # noqa: E402
+from selfinterp.finetune import IGNORE, FinetuneConfig, finetune, load_finetuned, tokenize_example  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"
 SYSTEM = "Your job is to make hypothetical decisions on behalf of different people or characters."
@@ -245,16 +244,16 @@ def test_split_forward_reproduces_the_model(tiny_model_dir, arch):
 
 
 def test_a_split_that_does_not_reproduce_the_model_is_refused(tiny_model_dir):
-    from selfinterp.finetune import _check_split
+    from selfinterp.decoder import check_split
 
     model = _tiny("llama", tiny_model_dir).eval()
     ids = torch.randint(0, 1000, (2, 9))
     mask = torch.ones_like(ids)
     with torch.no_grad():
         h = lower_hidden(model, ids, mask, 1)
-        _check_split(model, ids, mask, h, 1)
+        check_split(model, ids, mask, h, 1)
         with pytest.raises(NotImplementedError, match="does not support this architecture"):
-            _check_split(model, ids, mask, h + 1.0, 1)
+            check_split(model, ids, mask, h + 1.0, 1)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -297,10 +296,10 @@ def test_cache_needs_a_layer_count():
 
 
 def test_unsupported_architecture_is_a_clear_error():
-    from selfinterp.finetune import _backbone
+    from selfinterp.decoder import backbone
 
     with pytest.raises(NotImplementedError, match="Llama/Qwen2-style"):
-        _backbone(torch.nn.Linear(2, 2))
+        backbone(torch.nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +430,8 @@ def test_shared_prefix_cache_is_exact(tiny_model_dir, tmp_path, attn):
     with prompts of three questions of different lengths, and a one-off prompt that shares nothing."""
     from transformers import AutoTokenizer
 
-    from selfinterp.finetune import _build_cache, _collate, load_base, prefix_groups
+    from selfinterp.decoder import prefix_groups
+    from selfinterp.finetune import _build_cache, _collate, _prompt, load_base
 
     model, _ = load_base(str(tiny_model_dir))
     model.config._attn_implementation = attn  # eager attention adds its mask to the scores, sdpa takes booleans
@@ -441,7 +441,7 @@ def test_shared_prefix_cache_is_exact(tiny_model_dir, tmp_path, attn):
         r["messages"][1]["content"] = r["messages"][1]["content"].replace("Question 0", "Question zero, a longer one")
     rows.append({"messages": [{"role": "user", "content": "Something else entirely"}, {"role": "assistant", "content": "A"}]})
     ex = [tokenize_example(tok, r["messages"]) for r in rows]
-    groups = prefix_groups(ex, tok)
+    groups = prefix_groups([_prompt(e) for e in ex], tok)
     shared = [p for p, members in groups if len(members) > 1]
     assert len(shared) >= 3 and len(set(shared)) >= 2 and sum(len(m) for _, m in groups) == len(ex)
     for p, members in groups:  # a group's length is a prefix every member really shares
@@ -464,12 +464,13 @@ def test_prefix_groups_use_the_prefix_all_members_share(smollm2_tokenizer_dir):
     third that does not (the length is the minimum over members, each compared from the lines on)."""
     from transformers import AutoTokenizer
 
-    from selfinterp.finetune import prefix_groups
+    from selfinterp.decoder import prefix_groups
+    from selfinterp.finetune import _prompt
 
     tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
     head = "System line one.\nThe question is shared by all of us here.\n"
     tails = ["Option A: 12 apples and more", "Option A: 12 apples and less", "Option B: 7 pears"]
     ex = [tokenize_example(tok, [{"role": "user", "content": head + t}, {"role": "assistant", "content": "A"}])
           for t in tails * 3]
-    for p, members in prefix_groups(ex, tok):
+    for p, members in prefix_groups([_prompt(e) for e in ex], tok):
         assert all(ex[i].input_ids[:p] == ex[members[0]].input_ids[:p] for i in members)

@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import chat_template
+from . import decoder as dec
 from .journal import atomic_write_json
 
 IGNORE = -100  # label value that cross-entropy ignores (prompt and padding positions)
@@ -212,107 +213,6 @@ def tokenize_example(tok: Any, messages: Sequence[dict[str, str]], max_length: i
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Running the decoder in two parts (for the lower-layer cache)
-
-
-def _backbone(model: nn.Module) -> nn.Module:
-    """The decoder stack (``LlamaModel``, ``Qwen2Model``...) inside an HF or peft causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", None)
-    for name in ("layers", "rotary_emb", "norm", "embed_tokens"):
-        if inner is None or not hasattr(inner, name):
-            raise NotImplementedError(
-                f"{type(base).__name__}: training on cached lower layers supports Llama/Qwen2-style "
-                "decoders (model.model.{embed_tokens, layers, rotary_emb, norm}: Llama, Qwen2/3, Mistral, "
-                "Gemma 2/3); "
-                "use cache_lower_layers=False for this architecture")
-    return inner
-
-
-def _lm_head(model: nn.Module) -> nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_output_embeddings()
-
-
-def n_layers(model: nn.Module) -> int:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return int(base.config.num_hidden_layers)
-
-
-def _run_layers(backbone: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                start: int, stop: int) -> torch.Tensor:
-    """Decoder layers [start, stop) on right-padded hidden states, as the model's forward runs them.
-
-    Mirrors the forward of the Llama/Qwen2/Qwen3/Mistral/Gemma 2-3 decoders in transformers 5:
-    absolute positions 0..T-1 (right padding), one causal mask per attention type (full or
-    sliding window), rotary embeddings shared by all layers or one per attention type (Gemma 3).
-    Anything else is caught by the check on the first cached batch (:func:`_check_split`).
-    """
-    import inspect
-
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    config = backbone.config
-    # Models without `layer_types` (Llama, Mistral) use one attention type for every layer.
-    default_type = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
-    layer_types = getattr(config, "layer_types", None) or [default_type] * config.num_hidden_layers
-    types = sorted(set(layer_types[start:stop]))
-    unknown = set(types) - {"full_attention", "sliding_attention"}
-    if unknown:
-        raise NotImplementedError(f"attention types {sorted(unknown)} are not supported by the lower-layer cache")
-
-    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    # No KV cache here; transformers 5.2x renamed the argument past_key_values -> cache (the old
-    # name warns until it is removed), so pass whichever this version takes.
-    mask_cache = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-    layer_cache = ("cache" if start < stop and "cache" in inspect.signature(backbone.layers[start].forward).parameters
-                   else "past_key_values")
-    kw = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
-              **{mask_cache: None})
-    make_mask = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-    masks = {t: make_mask[t](**kw) for t in types}
-    if "layer_type" in inspect.signature(backbone.rotary_emb.forward).parameters:
-        rotary = {t: backbone.rotary_emb(hidden, position_ids, t) for t in types}
-    else:
-        shared = backbone.rotary_emb(hidden, position_ids)
-        rotary = {t: shared for t in types}
-    for i in range(start, stop):
-        t = layer_types[i]
-        hidden = backbone.layers[i](hidden, attention_mask=masks[t], position_ids=position_ids,
-                                    position_embeddings=rotary[t], use_cache=False, **{layer_cache: None})
-    return hidden
-
-
-def lower_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 first_trained: int) -> torch.Tensor:
-    """The hidden state entering decoder layer ``first_trained`` (what the cache stores)."""
-    backbone = _backbone(model)
-    return _run_layers(backbone, backbone.embed_tokens(input_ids), attention_mask, 0, first_trained)
-
-
-def top_hidden(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
-               first_trained: int) -> torch.Tensor:
-    """Final (normed) hidden states from the input of layer ``first_trained``."""
-    backbone = _backbone(model)
-    hidden = _run_layers(backbone, hidden, attention_mask, first_trained, len(backbone.layers))
-    return backbone.norm(hidden)
-
-
-def _head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits from final hidden states, as the causal LM computes them (incl. Gemma 2's soft cap)."""
-    logits = _lm_head(model)(hidden)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-def top_logits(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
-               first_trained: int) -> torch.Tensor:
-    """Logits at every position from cached lower-layer hidden states."""
-    return _head(model, top_hidden(model, hidden, attention_mask, first_trained))
-
-
-# ----------------------------------------------------------------------------------------------
 # 4. Training
 
 
@@ -370,7 +270,7 @@ def load_base(base_model: str | Path, dtype: str = "float32") -> tuple[Any, Any]
 
 def _prepare_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Module, int]:
     """Wrap with LoRA or unfreeze the selected layers; returns (model, first trained layer)."""
-    n = n_layers(model)
+    n = dec.n_layers(model)
     k = n if config.layers is None else min(config.layers, n)
     first = n - k
     model.requires_grad_(False)
@@ -385,7 +285,7 @@ def _prepare_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Mod
         )
         model = get_peft_model(model, lora)
     else:
-        backbone = _backbone(model)
+        backbone = dec.backbone(model)
         for layer in backbone.layers[first:]:
             layer.requires_grad_(True)
         backbone.norm.requires_grad_(True)  # the final norm sits above every trained layer
@@ -422,15 +322,15 @@ class _LossModule(nn.Module):
 
     def hidden(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.cached:  # a bfloat16 cache is widened to the weights' dtype (autocast narrows it again)
-            inputs = inputs.to(_lm_head(self.model).weight.dtype)
-            return top_hidden(self.model, inputs, attention_mask, self.first_trained)
-        return _decoder(self.model)(input_ids=inputs, attention_mask=attention_mask).last_hidden_state
+            inputs = inputs.to(dec.lm_head(self.model).weight.dtype)
+            return dec.top_hidden(self.model, inputs, attention_mask, self.first_trained)
+        return dec.decoder_stack(self.model)(input_ids=inputs, attention_mask=attention_mask).last_hidden_state
 
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         hidden = self.hidden(inputs, attention_mask)
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        logits = _head(self.model, hidden[:, :-1][keep]).float()
+        logits = dec.head(self.model, hidden[:, :-1][keep]).float()
         return F.cross_entropy(logits, targets[keep], reduction="sum")
 
     def loss_and_first_logits(self, inputs: torch.Tensor, attention_mask: torch.Tensor,
@@ -439,17 +339,11 @@ class _LossModule(nn.Module):
         hidden = self.hidden(inputs, attention_mask)
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        logits = _head(self.model, hidden[:, :-1][keep]).float()
+        logits = dec.head(self.model, hidden[:, :-1][keep]).float()
         loss = F.cross_entropy(logits, targets[keep], reduction="sum")
         first = keep.int().argmax(1)
         rows = torch.arange(len(first), device=first.device)
-        return loss, _head(self.model, hidden[rows, first]).float()
-
-
-def _decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack for the uncached path (any HF causal LM, not only Llama/Qwen2-style)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder() if hasattr(base, "get_decoder") else base.model
+        return loss, dec.head(self.model, hidden[rows, first]).float()
 
 
 def _collate(rows: Sequence[tuple[torch.Tensor, list[int]]], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -491,7 +385,7 @@ def _build_cache(model: nn.Module, examples: Sequence[TokenizedExample], first: 
     Examples are run in length-sorted batches (little padding; right padding leaves the real
     tokens' states unchanged under a causal mask).
     """
-    if config.share_prefix and tokenizer is not None and _prefix_supported(_backbone(model)):
+    if config.share_prefix and tokenizer is not None and dec.prefix_supported(dec.backbone(model)):
         return _build_cache_shared(model, examples, first, config, device, tokenizer, 2 * batch, progress)
     out: list[torch.Tensor | None] = [None] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
@@ -502,9 +396,9 @@ def _build_cache(model: nn.Module, examples: Sequence[TokenizedExample], first: 
             idx = order[s: s + batch]
             ids, mask, _ = _collate([(torch.tensor(examples[i].input_ids), examples[i].labels) for i in idx], device)
             with _autocast(config, device):
-                h = lower_hidden(model, ids, mask, first)
+                h = dec.lower_hidden(model, ids, mask, first)
                 if s == 0:  # the split must reproduce the model's own forward (architecture check)
-                    _check_split(model, ids, mask, h, first)
+                    dec.check_split(model, ids, mask, h, first)
             for j, i in enumerate(idx):
                 out[i] = h[j, : len(examples[i].input_ids)].to("cpu", _DTYPES[config.cache_dtype]).clone()
             if progress:
@@ -514,6 +408,11 @@ def _build_cache(model: nn.Module, examples: Sequence[TokenizedExample], first: 
     return out  # type: ignore[return-value]
 
 
+def _prompt(example: TokenizedExample) -> list[int]:
+    """The prompt's token ids (everything before the supervised answer)."""
+    return example.input_ids[: len(example.input_ids) - sum(1 for t in example.labels if t != IGNORE)]
+
+
 def _build_cache_shared(model: nn.Module, examples: Sequence[TokenizedExample], first: int, config: FinetuneConfig,
                         device: torch.device, tokenizer: Any, batch: int, progress: Any) -> list:
     out: list = [None] * len(examples)
@@ -521,7 +420,7 @@ def _build_cache_shared(model: nn.Module, examples: Sequence[TokenizedExample], 
     task = progress.add_task("caching lower layers", total=len(examples)) if progress else None
     checked = False
     model.eval()
-    groups = prefix_groups(examples, tokenizer)
+    groups = dec.prefix_groups([_prompt(e) for e in examples], tokenizer)
     alone = [i for p, members in groups if not p for i in members]  # nothing shared: the plain path
     if alone:
         for i, h in zip(alone, _build_cache(model, [examples[i] for i in alone], first, config, device,
@@ -541,15 +440,15 @@ def _build_cache_shared(model: nn.Module, examples: Sequence[TokenizedExample], 
                 for j, i in enumerate(idx):
                     suf[j, : lens[j]] = torch.tensor(examples[i].input_ids[p:])
                 with _autocast(config, device):
-                    ph, sh = lower_hidden_shared(model, prefix, suf.to(device), first)
+                    ph, sh = dec.lower_hidden_shared(model, prefix, suf.to(device), first)
                 if not checked:  # sharing must reproduce the plain split forward (an architecture check,
                     # in the weights' precision without autocast, so that rounding is not mistaken for it)
                     with torch.autocast(device_type=device.type, enabled=False):
                         ids, mask, _ = _collate([(torch.tensor(examples[i].input_ids), examples[i].labels)
                                                  for i in idx[:2]], device)
-                        plain = lower_hidden(model, ids, mask, first)
-                        _check_split(model, ids, mask, plain, first)
-                        cph, csh = lower_hidden_shared(model, prefix, suf[:2].to(device), first)
+                        plain = dec.lower_hidden(model, ids, mask, first)
+                        dec.check_split(model, ids, mask, plain, first)
+                        cph, csh = dec.lower_hidden_shared(model, prefix, suf[:2].to(device), first)
                         for j in range(len(idx[:2])):
                             got = torch.cat([cph, csh[j, : lens[j]]]).float()
                             want = plain[j, : p + int(lens[j])].float()
@@ -567,152 +466,6 @@ def _build_cache_shared(model: nn.Module, examples: Sequence[TokenizedExample], 
     if progress:
         progress.remove_task(task)
     return out
-
-
-# Shared prompt prefixes. Every prompt of a scenario starts with the same ~95 tokens (system
-# prompt, instruction, question); causal attention makes their hidden states independent of what
-# follows, so the frozen layers run them once per group and only each prompt's suffix after it.
-
-
-def prefix_groups(examples: Sequence[TokenizedExample], tokenizer: Any, min_prefix: int = 8) -> list[tuple[int, list[int]]]:
-    """(shared prefix length, example indices) for groups of examples whose prompts share a prefix.
-
-    The prompts are cut into lines (at tokens that end with a line break) and put in a trie of
-    lines; each node is a prefix shared by its examples. Grouping picks the nodes that save the
-    most computation, (examples - 1) x tokens, by dynamic programming over the trie (one
-    scenario's question, not just the system prompt, nor each value of its first attribute). The
-    length returned is the group's true common prefix, so any grouping is exact.
-    """
-    n = len(examples)
-    ids = [e.input_ids[: len(e.input_ids) - sum(1 for t in e.labels if t != IGNORE)] for e in examples]  # prompts
-    newline_end: dict[int, bool] = {}
-
-    def cuts(seq: list[int]) -> list[int]:
-        out = []
-        for j, t in enumerate(seq[:-1]):  # a cut before the last prompt token leaves a suffix
-            if t not in newline_end:
-                newline_end[t] = tokenizer.decode([t]).endswith("\n")
-            if newline_end[t]:
-                out.append(j + 1)
-        return out
-
-    # The trie: node -> (token length, examples through it, children); node ids by (parent, line).
-    length, members, children = [0], [list(range(n))], [dict()]
-    for i, seq in enumerate(ids):
-        node, prev = 0, 0
-        for c in cuts(seq):
-            line = tuple(seq[prev:c])
-            child = children[node].get(line)
-            if child is None:
-                child = len(length)
-                children[node][line] = child
-                length.append(c)
-                members.append([])
-                children.append({})
-            members[child].append(i)
-            node, prev = child, c
-
-    def best(node: int) -> tuple[int, list[int]]:  # (tokens saved, chosen nodes) in this subtree
-        # Each group also costs a prefix pass and a partly filled batch: ~64 tokens' worth.
-        here = (len(members[node]) - 1) * length[node] - 64 if length[node] >= min_prefix else 0
-        below, chosen = 0, []
-        for child in children[node].values():
-            if len(members[child]) > 1:
-                v, c = best(child)
-                below, chosen = below + v, chosen + c
-        return (here, [node]) if here >= below and here > 0 else (below, chosen)
-
-    import sys
-
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
-    _, nodes = best(0)
-    out, grouped = [], set()
-    for node in nodes:
-        group = members[node]
-        p = None
-        for i in group[1:]:  # the group's true common prefix (at least the node's lines)
-            k = length[node]  # each member agrees with the first up to the node, maybe further
-            while k < len(ids[i]) - 1 and k < len(ids[group[0]]) - 1 and ids[i][k] == ids[group[0]][k]:
-                k += 1
-            p = k if p is None else min(p, k)
-        out.append((p, group))
-        grouped.update(group)
-    out += [(0, [i]) for i in range(n) if i not in grouped]
-    return out
-
-
-class _PrefixKV:
-    """A stand-in for a transformers Cache inside attention: in "store" mode it keeps each layer's
-    keys/values of one prefix; in "read" mode it puts them before a batch of suffixes' own."""
-
-    def __init__(self) -> None:
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.reading = False
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
-        if not self.reading:
-            self.kv[layer_idx] = (k, v)
-            return k, v
-        pk, pv = self.kv[layer_idx]
-        b = k.shape[0]
-        return torch.cat([pk.expand(b, -1, -1, -1), k.to(pk.dtype)], 2), torch.cat([pv.expand(b, -1, -1, -1), v.to(pv.dtype)], 2)
-
-
-def _attn_impl(backbone: nn.Module) -> str:
-    return getattr(backbone.config, "_attn_implementation", None) or "eager"
-
-
-def _prefix_supported(backbone: nn.Module) -> bool:
-    """Shared prefixes are run with one causal mask and one rotary table for all layers."""
-    import inspect
-
-    config = backbone.config
-    types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    return (types == {"full_attention"} and _attn_impl(backbone) in ("sdpa", "eager") and not getattr(config, "sliding_window", None)
-            and "layer_type" not in inspect.signature(backbone.rotary_emb.forward).parameters)
-
-
-def lower_hidden_shared(model: nn.Module, prefix: torch.Tensor, suffixes: torch.Tensor, first_trained: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states entering layer ``first_trained`` for one prefix (1, P) of token ids and a
-    batch of right-padded suffixes (B, S): (prefix (P, H), suffixes (B, S, H))."""
-    import inspect
-
-    backbone = _backbone(model)
-    dev = prefix.device
-    P, (B, S) = prefix.shape[1], suffixes.shape
-    h = backbone.embed_tokens(prefix)
-    g = backbone.embed_tokens(suffixes)
-    if first_trained == 0:
-        return h[0], g
-    name = "cache" if "cache" in inspect.signature(backbone.layers[0].forward).parameters else "past_key_values"
-    pos_p = torch.arange(P, device=dev)[None]
-    pos_s = (P + torch.arange(S, device=dev))[None].expand(B, -1)
-    pe_p, pe_s = backbone.rotary_emb(h, pos_p), backbone.rotary_emb(g, pos_s)
-    causal = torch.tril(torch.ones(S, S, dtype=torch.bool, device=dev))
-    m_p = torch.tril(torch.ones(P, P, dtype=torch.bool, device=dev))[None, None]
-    m_s = torch.cat([torch.ones(B, S, P, dtype=torch.bool, device=dev), causal[None].expand(B, -1, -1)], 2)[:, None]
-    if _attn_impl(backbone) == "eager":  # eager attention adds its mask to the scores: 0 / -inf, not True / False
-        m_p, m_s = (torch.zeros(m.shape, dtype=h.dtype, device=dev).masked_fill(~m, torch.finfo(h.dtype).min)
-                    for m in (m_p, m_s))
-    kv = _PrefixKV()
-    for layer in backbone.layers[:first_trained]:
-        h = layer(h, attention_mask=m_p, position_ids=pos_p, position_embeddings=pe_p, use_cache=True, **{name: kv})
-    kv.reading = True
-    for layer in backbone.layers[:first_trained]:
-        g = layer(g, attention_mask=m_s, position_ids=pos_s, position_embeddings=pe_s, use_cache=True, **{name: kv})
-    return h[0], g
-
-
-def _check_split(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, h: torch.Tensor, first: int) -> None:
-    full = _decoder(model)(input_ids=ids, attention_mask=mask).last_hidden_state
-    split = top_hidden(model, h, mask, first)
-    real = mask.bool()
-    err = (full[real] - split[real]).abs().max().item()
-    scale = full[real].abs().max().item()
-    if not err <= 1e-3 * max(scale, 1.0):
-        raise NotImplementedError(
-            f"{type(model).__name__}: running the decoder in two parts does not reproduce its forward "
-            f"(max difference {err:.3g}); the lower-layer cache does not support this architecture")
 
 
 def pair_groups(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -1123,7 +876,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             "data": data_info,
             "folded_system": folded_system,
             "first_trained_layer": first,
-            "num_layers": n_layers(model),
+            "num_layers": dec.n_layers(model),
             "trainable_parameters": sum(p.numel() for p in params),
             "world_size": world,
             "device": device.type,

@@ -32,7 +32,7 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
                           LogitsProcessorList, StoppingCriteria, StoppingCriteriaList)
 
-from .. import models, prompts
+from .. import decoder, models, prompts
 from ..chat_template import render, supports_system
 from .base import (WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfReport, call_seeds,
                    json_object_end)
@@ -119,13 +119,14 @@ class HFBackend:
 
     def __init__(self, model: str = models.DEFAULT_MODEL, adapter: str | None = None, device: str = "auto",
                  dtype: str | torch.dtype = "auto", batch_size: int = 16, progress: bool = True,
-                 head_dtype: str = "float32"):
+                 head_dtype: str = "float32", share_prefix: bool = True):
         self.model_name = str(model)
         self.adapter = str(adapter) if adapter else None
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.batch_size = batch_size
         self.progress = progress
+        self.share_prefix = share_prefix
         path = models.resolve(model)
         net, self.tokenizer = self._load(path)
         self.tokenizer.padding_side = "left"  # the answer position is the last column of every row
@@ -150,6 +151,8 @@ class HFBackend:
             "head_dtype": str(self.head_dtype).removeprefix("torch."),
             # Templates without a system role get the system prompt folded into the first user turn.
             "folded_system": not self.system_role,
+            # Choices scored with each group's shared prompt prefix run once (exact; decoder.py).
+            "shared_prefix_scoring": self._prefix_ok(),
             "answer_tokens": dict(zip(ANSWER_LETTERS, self.answer_ids)),
             "manifest": models.read_manifest(self.model_name) if self.model_name in models.REGISTRY else None,
         }
@@ -201,25 +204,57 @@ class HFBackend:
     # ---------------------------------------------------------------------------------------
     # Choices
 
+    def _prefix_ok(self) -> bool:
+        if not self.share_prefix:
+            return False
+        try:
+            return decoder.prefix_supported(decoder.backbone(self.model))
+        except NotImplementedError:  # not a Llama/Qwen2-style decoder: the plain forward
+            return False
+
     @torch.inference_mode()
     def choice_probs(self, chats: Sequence[Messages]) -> ChoiceProbs:
-        """P(A) renormalised over {A, B}, and the raw P(A) + P(B), at the first answer position."""
+        """P(A) renormalised over {A, B}, and the raw P(A) + P(B), at the first answer position.
+
+        Prompts that share a prefix (a scenario's system prompt, instruction and question) run it
+        once per group and then only their own suffixes (``share_prefix``; exact, decoder.py);
+        prompts that share nothing, and models whose decoder is not supported, run whole."""
         ids = encode(self.tokenizer, [self.render(c) for c in chats])
         p_a, mass = np.zeros(len(ids)), np.zeros(len(ids))
         a, b = self.answer_ids
+
+        def record(batch: Sequence[int], logits: torch.Tensor) -> None:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            la, lb = logp[:, a], logp[:, b]
+            p_a[batch] = torch.sigmoid(la - lb).cpu().numpy()  # = P(A) / (P(A) + P(B)), stably
+            mass[batch] = (la.exp() + lb.exp()).cpu().numpy()
+            advance(len(batch))
+
+        groups = decoder.prefix_groups(ids, self.tokenizer) if self._prefix_ok() and len(ids) > 1 else [(0, list(range(len(ids))))]
+        alone = [i for p, members in groups if not p for i in members]
         with self._progress("scoring choices", len(ids)) as advance:
-            for batch in _length_batches([len(x) for x in ids], self.batch_size):
+            for p, members in groups:
+                if not p:
+                    continue
+                prefix = torch.tensor([ids[members[0]][:p]], device=self.device)
+                members = sorted(members, key=lambda i: len(ids[i]))
+                for s in range(0, len(members), self.batch_size):  # suffixes are short: one batch's worth
+                    batch = members[s: s + self.batch_size]
+                    lens = torch.tensor([len(ids[i]) - p for i in batch])
+                    suffixes = torch.full((len(batch), int(lens.max())), self.tokenizer.pad_token_id, dtype=torch.long)
+                    for j, i in enumerate(batch):
+                        suffixes[j, : lens[j]] = torch.tensor(ids[i][p:])
+                    h = decoder.last_hidden_shared(self.model, prefix, suffixes.to(self.device), lens)
+                    record(batch, decoder.head(self.model, h))
+            for batch in _length_batches([len(ids[i]) for i in alone], self.batch_size):
+                batch = [alone[j] for j in batch]
                 input_ids, mask = self._pad([ids[i] for i in batch])
                 # Positions count from each row's first real token, as they would unpadded (RoPE
                 # models do not care about the shift, models with absolute positions do).
                 positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
                 out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                  logits_to_keep=1, use_cache=False)
-                logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-                la, lb = logp[:, a], logp[:, b]
-                p_a[batch] = torch.sigmoid(la - lb).cpu().numpy()  # = P(A) / (P(A) + P(B)), stably
-                mass[batch] = (la.exp() + lb.exp()).cpu().numpy()
-                advance(len(batch))
+                record(batch, out.logits[:, -1, :])
         return ChoiceProbs(p_a=p_a, mass=mass)
 
     # ---------------------------------------------------------------------------------------
