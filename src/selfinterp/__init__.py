@@ -11,3 +11,36 @@ datasets; texts in ``prompts``) -> fine-tuning and measurement (model backends) 
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["analyze", "compare", "paper_data", "run_experiment", "__version__"]
+
+
+# The notebook API (selfinterp.api), imported on first call so that `import selfinterp` stays light.
+
+
+def analyze(path=None, *, paper=False, n_boot=2000, seed=0, strict=False):
+    """Analyse a run or a directory in the paper's layout -> Results (.table(), .effects(), .plot())."""
+    from .api import analyze as _analyze
+
+    return _analyze(path, paper=paper, n_boot=n_boot, seed=seed, strict=strict)
+
+
+def run_experiment(config=None, *, preset=None, out=None, force=False, progress=True, **overrides):
+    """What `selfinterp run` does: run or resume the whole protocol -> Results."""
+    from .api import run_experiment as _run
+
+    return _run(config, preset=preset, out=out, force=force, progress=progress, **overrides)
+
+
+def compare(*paths, paper=False, n_boot=2000, seed=0):
+    """Every condition's r with CIs across runs -> Comparison (.table(), .settings(), .plot(), .write(out))."""
+    from .api import compare as _compare
+
+    return _compare(*paths, paper=paper, n_boot=n_boot, seed=seed)
+
+
+def paper_data():
+    """The cached paper data's directory (`selfinterp data paper` fills the cache)."""
+    from .api import paper_data as _paper_data
+
+    return _paper_data()

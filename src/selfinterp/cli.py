@@ -35,6 +35,14 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+MAX_SEED = 2**32 - 1  # what every library seeded here takes (numpy, torch, random, the APIs)
+
+
+def check_seed(seed: Optional[int]) -> None:
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        fail(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
+
+
 @app.command()
 def version() -> None:
     """Print the version."""
@@ -82,6 +90,7 @@ def scenarios_show(
     """Show one scenario: its attributes, example instilled weights, and the prompts it yields."""
     from . import design, prompts
 
+    check_seed(seed)
     ss = {s.id: s for s in _load_scenarios(file)}
     if scenario_id not in ss:
         fail(f"no scenario {scenario_id!r}" + (f" in {file}" if file else " in the bundled bank"))
@@ -105,12 +114,14 @@ def scenarios_validate(
     k: int = typer.Option(5, help="Required number of attributes per scenario (0: any)."),
 ) -> None:
     """Check a scenario file and print every problem with its location (exit code 1 if any)."""
+    from rich.markup import escape
+
     from .scenarios import validate_file
 
     scenarios, problems = validate_file(file, k=k or None)
     if problems:
         for p in problems:
-            err.print(f"[red]{p.location}[/]: {p.message}", highlight=False)
+            err.print(f"[red]{escape(p.location)}[/]: {escape(p.message)}", highlight=False)
         err.print(f"{len(problems)} problem(s) in {file}")
         raise typer.Exit(1)
     console.print(f"{file}: {len(scenarios)} scenarios, all valid")
@@ -136,6 +147,9 @@ def export(
     from . import design
     from .scenarios import ScenarioError, assign_roles, load_bundled_roles, load_roles
 
+    check_seed(seed)
+    if out.exists() and not out.is_dir():
+        fail(f"{out}: exists and is not a directory; give a directory to write the datasets into")
     ss = _load_scenarios(scenarios_file)
     if n_scenarios < 1 or n_train < 1 or n_val < 0 or n_introspection < 0:
         fail("--n-scenarios and --n-train must be >= 1, --n-val and --n-introspection >= 0")
@@ -184,6 +198,7 @@ def analyze(
 
     if n_boot < 1:
         fail("--n-boot must be >= 1")
+    check_seed(seed)
     directory, out = _analysis_source(directory, paper, out)
     try:
         a = analysis.analyze(directory, n_boot=n_boot, seed=seed, strict=strict)
@@ -302,6 +317,8 @@ def compare(
     seed: int = typer.Option(0, help="Bootstrap seed."),
 ) -> None:
     """Compare runs: every condition's r with its CI across runs (seeds, models, settings), and the settings that differ."""
+    from rich.markup import escape
+
     from .comparison import compare as make_comparison
     from .layout import LayoutError
     from .paperdata import PaperDataError
@@ -318,18 +335,18 @@ def compare(
     t = Table(title=f"r [95% CI] across {len(c.sources)} sources", title_justify="left")
     t.add_column("condition", no_wrap=True)
     for col in wide.columns:
-        t.add_column(str(col), justify="right")
+        t.add_column(escape(str(col)), justify="right")
     for name, row in wide.iterrows():
-        t.add_row(name, *row.tolist())
+        t.add_row(name, *(escape(v) for v in row.tolist()))
     console.print(t)
     st = c.settings()
     if len(st):
         s = Table(title="settings that differ", title_justify="left")
         s.add_column("setting", no_wrap=True)
         for col in st.columns:
-            s.add_column(str(col))
+            s.add_column(escape(str(col)))
         for name, row in st.iterrows():
-            s.add_row(name, *row.tolist())
+            s.add_row(escape(name), *(escape(str(v)) for v in row.tolist()))
         console.print(s)
     paths = c.write(out)
     console.print(f"wrote {', '.join(str(p) for p in paths)}", highlight=False, soft_wrap=True)
@@ -370,16 +387,19 @@ def run_cmd(
         return
     from .backends.openai_api import OpenAIAPIError
     from .backends.vllm import VLLMUnavailable
+    from .layout import LayoutError
     from .lock import RunLocked
     from .models import ModelError
     from .run import GateFailed, Run
     from .scenarios import ScenarioError
 
-    err.print(f"run [bold]{cfg.name}[/] ({cfg.backend}: {cfg.model if cfg.backend != 'simulated' else 'simulated'}) "
+    from rich.markup import escape
+
+    err.print(f"run [bold]{cfg.name}[/] ({cfg.backend}: {escape(cfg.model) if cfg.backend != 'simulated' else 'simulated'}) "
               f"in {out.resolve()}")
     try:
         results = Run(cfg, out, force=force, console=err).execute()
-    except (GateFailed, ModelError, ScenarioError, OpenAIAPIError, VLLMUnavailable, RunLocked) as e:
+    except (GateFailed, ModelError, ScenarioError, OpenAIAPIError, VLLMUnavailable, RunLocked, LayoutError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted: finished work is kept in {out}; run the same command again to resume[/]")
@@ -466,6 +486,7 @@ def plan(
     """Power analysis: how many scenarios, reports and trials a study needs, by simulation."""
     from .power import DesignError, check_design, power_table
 
+    check_seed(seed)
     try:
         ns = [int(x) for x in scenarios.split(",")]
         rs = [int(x) for x in reports.split(",")]

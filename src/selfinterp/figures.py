@@ -93,3 +93,41 @@ def write_all(a: Analysis, out: Path) -> list[Path]:
         paths.append(accuracy_chart(a, model, out / f"accuracy_{_safe(model)}.png"))
         paths.append(scatter_grid(a, model, out / f"scatter_{_safe(model)}.png"))
     return paths
+
+
+def forest(table, series: str = "model", title: str = "", ax=None):
+    """r with its 95% CI per condition, one marker per series (a model, or a run): the figure of
+    ``Results.plot()`` and ``selfinterp compare``. ``table`` has columns condition, r, ci_low,
+    ci_high and ``series``. Drawn on ``ax`` when given, else on a new Figure that belongs to no
+    pyplot window (nothing is switched: it shows in a notebook, or is saved)."""
+    from matplotlib.figure import Figure
+
+    names = [c.name for c in CONDITIONS if c.name in set(table["condition"])]
+    groups = list(dict.fromkeys(table[series]))
+    if ax is None:
+        fig = Figure(figsize=(8.5, 0.45 * len(names) * (1 + 0.25 * (len(groups) - 1)) + 1.8 + 0.2 * len(groups)))
+        ax = fig.add_subplot()
+    fig = ax.figure
+    step = 0.7 / max(len(groups), 1)
+    y0 = np.arange(len(names))[::-1].astype(float)
+    for i, g in enumerate(groups):
+        rows = table[table[series] == g].set_index("condition")
+        have = [n for n in names if n in rows.index]
+        y = np.array([y0[names.index(n)] for n in have]) + 0.35 - step * (i + 0.5)
+        r = rows.loc[have, "r"].to_numpy(dtype=float)
+        err = np.vstack([r - rows.loc[have, "ci_low"].to_numpy(dtype=float),
+                         rows.loc[have, "ci_high"].to_numpy(dtype=float) - r])
+        ax.errorbar(r, y, xerr=err, fmt="o", ms=4, capsize=2.5, lw=1.2, label=str(g))
+    ax.set_yticks(y0, [LABELS[n] for n in names], fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    lo = float(np.nanmin(table["ci_low"])) if len(table) else 0.0
+    ax.set_xlim(min(-0.1, lo - 0.05), 1.02)
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    ax.set_xlabel("Pearson r (95% CI, bootstrap over scenarios)")
+    ax.grid(axis="x", color="#dddddd", lw=0.6)
+    if len(groups) > 1:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(2, len(groups)), frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10, loc="right")
+    fig.tight_layout()
+    return fig
