@@ -16,6 +16,7 @@ pytest.importorskip("openai")
 from openai_fake import FakeOpenAI  # noqa: E402
 
 from selfinterp import config  # noqa: E402
+from selfinterp.backends.openai_api import OpenAIAPIError  # noqa: E402
 from selfinterp.cli import app  # noqa: E402
 from selfinterp.run import Run  # noqa: E402
 
@@ -83,11 +84,17 @@ def test_whole_run_through_the_api_and_the_key_never_lands_on_disk(tmp_path, mon
 
 
 def test_external_trainer_uses_the_served_names(tmp_path, monkeypatch):
-    monkeypatch.delenv("SI_FAKE_KEY", raising=False)  # a local server needs no key
+    monkeypatch.delenv("SI_FAKE_KEY", raising=False)
     names = {"instilled": "m-inst", "itrained_first": "m-first", "itrained_last": "m-last", "itrained_all": "m-all"}
     with FakeOpenAI() as srv:
         cfg = api_config(srv.base_url, trainer="external", openai={"base_url": srv.base_url, "models": names,
                                                                    "api_key_env": "SI_FAKE_KEY"})
+        # No key: stopped before the first stage, nothing sent (no placeholder key is made up) ...
+        with pytest.raises(OpenAIAPIError, match="set the environment variable SI_FAKE_KEY"):
+            Run(cfg, tmp_path, progress=False, console=Console(file=io.StringIO())).execute()
+        assert not srv.requests and not (tmp_path / "stages").exists()
+        # ... and a local server that needs none takes any value the user sets.
+        monkeypatch.setenv("SI_FAKE_KEY", "none")
         Run(cfg, tmp_path, progress=False, console=Console(file=io.StringIO())).execute()
         used = {json.loads(r["body"])["model"] for r in srv.requests}
     assert not srv.jobs and not srv.files

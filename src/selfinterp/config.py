@@ -184,7 +184,7 @@ class RunConfig(Strict):
                        description="registry name, local HF directory or hub id (ignored by 'simulated')")
     model_label: Optional[str] = Field(None, description="name used in output file names (default: derived from model)")
     scenarios: str = Field("bank", description="'bank' (bundled) or a scenario file")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     n_instilled: int = Field(100, ge=2)
     n_native: int = Field(100, ge=0)
     n_train: int = Field(50, ge=1, description="preference examples per instilled scenario")
@@ -295,11 +295,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def format_errors(e: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
-    for err in e.errors():
-        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        lines.append(f"  {where}: {err['msg']}")
-    return "\n".join(lines)
+    problems = [f"{'.'.join(str(x) for x in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
+    if len(problems) == 1:  # one problem, one line
+        return f"{source}: invalid configuration: {problems[0]}"
+    return "\n".join([f"{source}: invalid configuration"] + [f"  {p}" for p in problems])
 
 
 class ConfigError(ValueError):
@@ -325,7 +324,7 @@ def build(preset: str | None = None, file: str | Path | None = None, overrides: 
     if file is not None:
         file_data = read_file(Path(file))
         if "preset" in file_data and preset is None:
-            if file_data["preset"] not in PRESETS:
+            if not isinstance(file_data["preset"], str) or file_data["preset"] not in PRESETS:
                 raise ConfigError(f"{file}: preset: unknown preset {file_data['preset']!r}; choose one of {', '.join(PRESETS)}")
             data = dict(PRESETS[file_data["preset"]])
         data = _deep_merge(data, file_data)
@@ -338,9 +337,16 @@ def build(preset: str | None = None, file: str | Path | None = None, overrides: 
 
 
 def read_file(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise ConfigError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a configuration file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}): is it a TOML, YAML or JSON file?") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read: {e.strerror or e}") from None
     try:
         if path.suffix == ".toml":
             try:

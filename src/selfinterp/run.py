@@ -39,7 +39,7 @@ from . import analysis, design, layout, prompts, stats
 from .config import RunConfig
 from .journal import Journal, atomic_write_json, atomic_write_text, sha256_file, sha256_json
 from .reports import parse_report
-from .scenarios import Scenario, assign_roles, load, load_bank, load_bundled_roles
+from .scenarios import Problem, Scenario, ScenarioError, assign_roles, load, load_bank, load_bundled_roles
 
 STAGE_FORMAT = 1  # bump when a stage's outputs change meaning, to redo old runs' stages
 
@@ -151,6 +151,12 @@ class Run:
             from .backends.vllm import device_type
 
             device_type()
+        if "openai" in (self.cfg.backend, self.cfg.trainer_name):  # the package and the key: now, not after design
+            from .backends.openai_api import preflight
+
+            preflight(self.cfg.openai.api_key_env, self.cfg.openai.base_url)
+        if not self.is_done(self.stages()[0]):
+            _choose_scenarios(self.cfg)  # enough scenarios for the design (ScenarioError), before anything is written
         atomic_write_json(self.path("config.json"), json.loads(self.cfg.model_dump_json()))
         for stage in self.stages():
             if self.is_done(stage):
@@ -437,13 +443,15 @@ def materialise(finetuned: Path) -> Path:
 
 def _choose_scenarios(cfg: RunConfig) -> tuple[list[Scenario], list[Scenario]]:
     n = cfg.n_instilled + cfg.n_native
+    pool = load_bank() if cfg.scenarios == "bank" else load(cfg.scenarios)
+    if len(pool) < n:
+        where = "the bundled bank" if cfg.scenarios == "bank" else cfg.scenarios
+        raise ScenarioError([Problem("scenarios", f"{where} has {len(pool)} scenarios; the run needs n_instilled + "
+                                     f"n_native = {cfg.n_instilled} + {cfg.n_native} = {n}")])
     if cfg.scenarios == "bank":
-        pool = random.Random(cfg.seed).sample(load_bank(), n)
+        pool = random.Random(cfg.seed).sample(pool, n)
         pool = assign_roles(pool, load_bundled_roles(), cfg.seed)
     else:
-        pool = load(cfg.scenarios)
-        if len(pool) < n:
-            raise ValueError(f"scenarios: {cfg.scenarios} has {len(pool)} scenarios; the run needs {n}")
         pool = pool[:n]
         if not cfg.scenarios.endswith(".csv"):
             pool = assign_roles(pool, load_bundled_roles(), cfg.seed)

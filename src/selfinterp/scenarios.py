@@ -113,13 +113,17 @@ class Problem:
 
 
 class ScenarioError(ValueError):
-    """Raised with every problem found in a scenario file; ``str()`` lists them one per line."""
+    """Raised with every problem found in a scenario file; ``str()`` lists them one per line (one
+    problem: a single line)."""
 
     def __init__(self, problems: Sequence[Problem]):
         self.problems = list(problems)
         n = len(self.problems)
         head = f"{n} problem{'s' if n != 1 else ''} in scenario data:"
-        super().__init__("\n".join([head] + [f"  {p}" for p in self.problems]))
+        if n == 1:  # one problem, one line
+            super().__init__(f"{head} {self.problems[0]}")
+        else:
+            super().__init__("\n".join([head] + [f"  {p}" for p in self.problems]))
 
 
 def _number(value: Any) -> float | None:
@@ -236,11 +240,22 @@ def parse(raw: Any, source: str = "<data>", k: int | None = DEFAULT_K) -> list[S
 # Loaders
 
 
+def _not_text(path: Path, e: OSError | UnicodeDecodeError) -> ScenarioError:
+    """A file that cannot be read as text, as a problem that says why."""
+    if isinstance(e, FileNotFoundError):
+        return ScenarioError([Problem(str(path), "file not found")])
+    if isinstance(e, IsADirectoryError):
+        return ScenarioError([Problem(str(path), "a directory, not a scenario file")])
+    if isinstance(e, UnicodeDecodeError):
+        return ScenarioError([Problem(str(path), f"not a UTF-8 text file (byte {e.start}): is it a JSON or CSV file?")])
+    return ScenarioError([Problem(str(path), f"cannot be read: {e.strerror or e}")])
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ScenarioError([Problem(str(path), "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise _not_text(path, e) from None
     except json.JSONDecodeError as e:
         raise ScenarioError([Problem(f"{path}:{e.lineno}:{e.colno}", f"invalid JSON: {e.msg}")]) from None
 
@@ -284,7 +299,12 @@ def validate_file(path: str | Path, k: int | None = DEFAULT_K) -> tuple[list[Sce
     if not path.exists():
         return [], [Problem(str(path), "file not found")]
     if _is_paper_scenarios_csv(path):
-        raw, problems = _scenarios_csv_rows(path, k)
+        try:
+            raw, problems = _scenarios_csv_rows(path, k)
+        except (OSError, UnicodeDecodeError) as e:
+            return [], _not_text(path, e).problems
+        except csv.Error as e:
+            return [], [Problem(str(path), f"not a readable CSV file ({e})")]
         if problems:
             return [], problems
         # scenarios.csv has no units: take them from the paper's candidate file beside it.
@@ -330,7 +350,7 @@ def _units_from_candidates(path: Path) -> dict[tuple[str, str], str]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
     out = {}
     for s in data if isinstance(data, list) else []:
@@ -348,9 +368,13 @@ def load_roles(path: str | Path) -> list[str]:
             reader = csv.DictReader(f)
             if "role" not in (reader.fieldnames or []):
                 raise ScenarioError([Problem(str(path), "missing column 'role'")])
-            roles = [row["role"].strip() for row in reader]
-    except FileNotFoundError:
-        raise ScenarioError([Problem(str(path), "file not found")]) from None
+            roles = [(row["role"] or "").strip() for row in reader]
+    except (OSError, UnicodeDecodeError) as e:
+        raise _not_text(path, e) from None
+    except csv.Error as e:
+        raise ScenarioError([Problem(str(path), f"not a readable CSV file ({e})")]) from None
+    if not roles:
+        raise ScenarioError([Problem(str(path), "no roles (a header only, or empty)")])
     empty = [i + 2 for i, r in enumerate(roles) if not r]
     if empty:
         raise ScenarioError([Problem(f"{path}:line {i}", "empty role") for i in empty])

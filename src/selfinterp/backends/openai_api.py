@@ -114,8 +114,8 @@ KEYRING_SERVICE = "selfinterp"
 def read_api_key(api_key_env: str | None, base_url: str) -> str:
     """The API key from the environment variable ``api_key_env``; failing that, from the system
     keyring (service "selfinterp", user = the variable's name) when the ``keyring`` package is
-    installed. Local servers (any base_url other than OpenAI's) may need none; then a
-    placeholder is sent."""
+    installed. No key is an error naming the variable, for every server: a placeholder is never
+    sent (a local server that needs no key takes any value the user sets)."""
     value = os.environ.get(api_key_env, "") if api_key_env else ""
     if value:
         return value
@@ -128,11 +128,22 @@ def read_api_key(api_key_env: str | None, base_url: str) -> str:
             value = ""
         if value:
             return value
-    if public_url(base_url).rstrip("/") == OFFICIAL_BASE_URL:
-        raise OpenAIAPIError(f"no API key: set the environment variable {api_key_env or 'OPENAI_API_KEY'} "
-                             "(openai.api_key_env names the variable; the key is never read from a file), or store "
-                             f"it with: keyring set {KEYRING_SERVICE} {api_key_env or 'OPENAI_API_KEY'}")
-    return "no-key"
+    var = api_key_env or "OPENAI_API_KEY"
+    local = "" if public_url(base_url).rstrip("/") == OFFICIAL_BASE_URL else \
+        f"; for a server that needs no key ({public_url(base_url)}), set it to any value, e.g. {var}=none"
+    raise OpenAIAPIError(f"no API key: set the environment variable {var} (openai.api_key_env names the variable; "
+                         f"the key is never read from a file), or store it with: keyring set {KEYRING_SERVICE} {var}"
+                         f"{local}")
+
+
+def preflight(api_key_env: str | None, base_url: str) -> None:
+    """What a run on the API needs before its first stage: the openai package and a key
+    (:class:`OpenAIAPIError` otherwise, one line that says what to do)."""
+    try:
+        import openai  # noqa: F401
+    except ImportError:
+        raise OpenAIAPIError("the openai backend needs the openai package: pip install 'selfinterp[openai]'") from None
+    read_api_key(api_key_env, base_url)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,13 +280,13 @@ class OpenAIBackend:
         try:
             import openai
         except ImportError:
-            raise ImportError("the openai backend needs the openai package: pip install 'selfinterp[openai]'") from None
+            raise OpenAIAPIError("the openai backend needs the openai package: pip install 'selfinterp[openai]'") from None
         if choice_method not in ("logprobs", "sample", "greedy"):
             raise ValueError(f"choice_method must be logprobs, sample or greedy, not {choice_method!r}")
         self.model = model
         self.base_url = base_url
         key = read_api_key(api_key_env, base_url)
-        self._secrets = (key,) if key != "no-key" else ()
+        self._secrets = (key,)
         self.client = openai.OpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=timeout)
         self.caller = Caller(max_retries, backoff, max_backoff, concurrency, self._secrets, sleep, log)
         self.choice_method = choice_method
