@@ -49,6 +49,20 @@ def version() -> None:
     console.print(f"selfinterp {__version__}")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"selfinterp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit."),
+) -> None:
+    """Self-interpretability experiments on language models (Plunkett et al. 2025)."""
+
+
 # --------------------------------------------------------------------------------------------
 # scenarios
 
