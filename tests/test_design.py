@@ -159,3 +159,20 @@ def test_export(tmp_path):
     again = tmp_path / "again"
     design.export(bank, again, seed=0, n_train=4, n_val=2, counterbalance=True)
     assert (again / "instill_train.jsonl").read_bytes() == (tmp_path / "instill_train.jsonl").read_bytes()
+
+
+def test_soft_labels_follow_the_utility_difference():
+    """label_temperature adds soft targets: P(A) > 0.5 exactly when the hard answer is A, near 0.5
+    for near-ties and near 1 or 0 for clear choices; the chats are the hard-label ones."""
+    bank = sc.load_bank()[:3]
+    w = {s.id: design.draw_weights(s, seed=1) for s in bank}
+    hard = design.instillation_examples(bank, w, 40, seed=0, counterbalance=True)
+    soft = design.instillation_examples(bank, w, 40, seed=0, counterbalance=True, label_temperature=10.0)
+    assert [r["messages"] for r in hard] == [r["messages"] for r in soft]
+    p = np.array([r["soft_answer"]["A"] for r in soft])
+    answers = np.array([r["messages"][-1]["content"] for r in soft])
+    assert np.all((p > 0.5) == (answers == "A"))
+    assert np.allclose([r["soft_answer"]["A"] + r["soft_answer"]["B"] for r in soft], 1.0)
+    assert p.min() < 0.01 and p.max() > 0.99 and np.any(np.abs(p - 0.5) < 0.3)
+    with pytest.raises(ValueError, match="label_temperature"):
+        design.instillation_examples(bank, w, 2, seed=0, label_temperature=0.0)

@@ -474,3 +474,38 @@ def test_prefix_groups_use_the_prefix_all_members_share(smollm2_tokenizer_dir):
           for t in tails * 3]
     for p, members in prefix_groups([_prompt(e) for e in ex], tok):
         assert all(ex[i].input_ids[:p] == ex[members[0]].input_ids[:p] for i in members)
+
+
+def test_soft_targets_score_the_first_answer_token(tiny_model_dir):
+    """soft_answer rows: one-hot soft targets give exactly the hard loss; 50/50 targets give the
+    cross-entropy to the average of the two answers' log-probabilities; bad targets are refused."""
+    from transformers import AutoTokenizer
+
+    from selfinterp.finetune import _collate, _LossModule, _soft_targets, load_base, tokenize_row
+
+    model, _ = load_base(str(tiny_model_dir))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = paired_examples(2, n_groups=1)
+    hard = [tokenize_row(tok, r) for r in rows]
+    onehot = [tokenize_row(tok, {**r, "soft_answer": {"A": float(r["messages"][-1]["content"] == "A"),
+                                                       "B": float(r["messages"][-1]["content"] == "B")}}) for r in rows]
+    half = [tokenize_row(tok, {**r, "soft_answer": {"A": 0.5, "B": 0.5}}) for r in rows]
+    a_id = next(t for t in hard[0].labels if t != IGNORE)
+    b_id = next(t for t in hard[1].labels if t != IGNORE)
+    assert onehot[0].soft == ((a_id, 1.0), (b_id, 0.0)) and not hard[0].soft
+    loss = _LossModule(model, 0, cached=False).eval()
+    dev = torch.device("cpu")
+    with torch.no_grad():
+        x, m, y = _collate([(torch.tensor(e.input_ids), e.labels) for e in hard], dev)
+        plain = loss(x, m, y)
+        assert torch.allclose(loss(x, m, y, *_soft_targets(onehot, dev)), plain, atol=1e-5)
+        mixed = onehot[:1] + hard[1:]  # a row without soft targets keeps its hard loss
+        assert torch.allclose(loss(x, m, y, *_soft_targets(mixed, dev)), plain, atol=1e-5)
+        logits = model(input_ids=x, attention_mask=m).logits.float()
+        first = [(y[i, 1:] != IGNORE).int().argmax().item() for i in range(len(y))]
+        logp = torch.stack([torch.log_softmax(logits[i, first[i]], -1) for i in range(len(y))])
+        want = -(0.5 * logp[:, a_id] + 0.5 * logp[:, b_id]).sum()
+        assert torch.allclose(loss(x, m, y, *_soft_targets(half, dev)), want, atol=1e-4)
+    for bad in ({"A": 0.7, "B": 0.7}, {"A": 1.0}, {"A": -0.5, "B": 1.5}, "A"):
+        with pytest.raises(ValueError, match="soft_answer"):
+            tokenize_row(tok, {**rows[0], "soft_answer": bad})

@@ -159,10 +159,36 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]  # IGNORE on the prompt (and on the end-of-turn marker with loss_on="answer")
     folded_system: bool  # the template has no system role: the system prompt went into the first user turn
+    # Soft targets for the first answer token: (token id, probability) per alternative answer.
+    soft: tuple[tuple[int, float], ...] = ()
 
     @property
     def n_supervised(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
+
+
+def tokenize_row(tok: Any, row: dict[str, Any], max_length: int = 1024, system_role: bool | None = None,
+                 loss_on: str = "answer") -> TokenizedExample:
+    """A training row: ``messages`` and optionally ``soft_answer`` ({answer text: probability}),
+    soft targets for the answer's first token (each alternative's first token, as the answer
+    would be tokenised in its place; the probabilities must be >= 0 and sum to 1)."""
+    ex = tokenize_example(tok, row["messages"], max_length, system_role, loss_on)
+    soft = row.get("soft_answer")
+    if soft is None:
+        return ex
+    if not isinstance(soft, dict) or len(soft) < 2:
+        raise ValueError(f"soft_answer must map at least two answers to probabilities, not {soft!r}")
+    probs = [float(v) for v in soft.values()]
+    if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-4:
+        raise ValueError(f"soft_answer probabilities must be >= 0 and sum to 1: {soft!r}")
+    ids = []
+    for answer in soft:
+        alt = [*row["messages"][:-1], {"role": "assistant", "content": str(answer)}]
+        other = tokenize_example(tok, alt, max_length, system_role, loss_on)
+        ids.append(next(t for t in other.labels if t != IGNORE))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"soft_answer's answers {list(soft)} begin with the same token")
+    return dataclasses.replace(ex, soft=tuple(zip(ids, probs)))
 
 
 def tokenize_example(tok: Any, messages: Sequence[dict[str, str]], max_length: int = 1024,
@@ -326,12 +352,22 @@ class _LossModule(nn.Module):
             return dec.top_hidden(self.model, inputs, attention_mask, self.first_trained)
         return dec.decoder_stack(self.model)(input_ids=inputs, attention_mask=attention_mask).last_hidden_state
 
-    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                soft_ids: torch.Tensor | None = None, soft_p: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed loss; with soft targets ((B, K) token ids and probabilities, rows of zeros for
+        rows without) a row's first supervised token is scored by cross-entropy to them."""
         hidden = self.hidden(inputs, attention_mask)
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = dec.head(self.model, hidden[:, :-1][keep]).float()
-        return F.cross_entropy(logits, targets[keep], reduction="sum")
+        if soft_ids is None:
+            return F.cross_entropy(logits, targets[keep], reduction="sum")
+        loss = F.cross_entropy(logits, targets[keep], reduction="none")
+        counts = keep.sum(1)
+        start = counts.cumsum(0) - counts  # each row's first supervised token among the kept ones
+        soft = -(soft_p * torch.log_softmax(logits[start], -1).gather(1, soft_ids)).sum(1)
+        has = soft_p.sum(1) > 0
+        return torch.where(has, soft, loss[start]).sum() + loss.sum() - loss[start].sum()
 
     def loss_and_first_logits(self, inputs: torch.Tensor, attention_mask: torch.Tensor,
                               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,6 +403,19 @@ def _collate(rows: Sequence[tuple[torch.Tensor, list[int]]], device: torch.devic
         mask[i, : len(lab)] = 1
         labels[i, : len(lab)] = torch.tensor(lab)
     return inputs.to(device), mask.to(device), labels.to(device)
+
+
+def _soft_targets(examples: Sequence[TokenizedExample], device: torch.device) -> tuple:
+    """((B, K) token ids, (B, K) probabilities) of a micro-batch's soft targets; () if it has none."""
+    if not any(e.soft for e in examples):
+        return ()
+    k = max(len(e.soft) for e in examples)
+    ids = torch.zeros(len(examples), k, dtype=torch.long)
+    p = torch.zeros(len(examples), k)
+    for i, e in enumerate(examples):
+        for j, (t, q) in enumerate(e.soft):
+            ids[i, j], p[i, j] = t, q
+    return ids.to(device), p.to(device)
 
 
 def _autocast(config: FinetuneConfig, device: torch.device):
@@ -629,7 +678,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
     model, tok = load_base(base_model, config.dtype)
     model.to(device)
     system_role = chat_template.supports_system(tok)
-    train_ex = [tokenize_example(tok, r["messages"], config.max_length, system_role, config.loss_on) for r in train_rows]
+    train_ex = [tokenize_row(tok, r, config.max_length, system_role, config.loss_on) for r in train_rows]
     val_ex = [tokenize_example(tok, r["messages"], config.max_length, system_role, config.loss_on) for r in val_rows]
     if not train_ex:
         raise ValueError("no training examples")
@@ -804,10 +853,11 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             step_sum = torch.zeros(2, device=device)
             for j, idx in enumerate(micro_batches):
                 x, m, y = _collate([(train_inputs[i], train_ex[i].labels) for i in idx], device)
+                soft = _soft_targets([train_ex[i] for i in idx], device)
                 sync = contextlib.nullcontext() if j == len(micro_batches) - 1 else accelerator.no_sync(loss_module)
                 with sync:
                     with _autocast(config, device):
-                        loss_sum = loss_module(x, m, y)
+                        loss_sum = loss_module(x, m, y, *soft)
                     accelerator.backward(loss_sum / n_tok)
                 step_sum += torch.stack([loss_sum.detach().float(), torch.tensor(float(sum(
                     train_ex[i].n_supervised for i in idx)), device=device)])
