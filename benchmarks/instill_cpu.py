@@ -74,6 +74,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--val-pairs", type=int, default=10, help="pairs per scenario for the trainer's held-out curve")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--soft", type=float, metavar="T", help="soft labels: P(A) = sigmoid((u_A - u_B) / T) on the training pairs")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="a trainer setting over the recipe, e.g. --set lr=1.5e-4 --set layers=8")
     ap.add_argument("--work", type=Path, default=Path("/tmp/instill-cpu"))
@@ -88,12 +89,13 @@ def main(argv=None) -> dict:
           flush=True)
 
     scen, weights = paper_scenarios(args.n_scenarios)
-    train = design.instillation_examples(scen, weights, args.train_pairs, args.seed, "instill-cpu-train", True)
+    train = design.instillation_examples(scen, weights, args.train_pairs, args.seed, "instill-cpu-train", True,
+                                         label_temperature=args.soft)
     val = design.instillation_examples(scen, weights, args.val_pairs, args.seed, "instill-cpu-val", True)
     base = models.resolve(args.model)
     t0 = time.time()
     key = hashlib.sha256(json.dumps([config.to_dict(), args.model, args.n_scenarios, args.train_pairs,
-                                     args.val_pairs], sort_keys=True).encode()).hexdigest()[:12]
+                                     args.val_pairs] + ([args.soft] if args.soft else []), sort_keys=True).encode()).hexdigest()[:12]
     out_dir = args.work / f"model-{key}"  # the same settings resume / reuse their model
     res = finetune(base, train, val, config, out_dir, resume=True)
     m = res.manifest
@@ -109,7 +111,7 @@ def main(argv=None) -> dict:
     result.update(steps=m["steps"], cache_min=m["cache_seconds"] / 60, train_min=(m["wall_seconds"] - m["cache_seconds"]) / 60,
                   total_min=train_s / 60, eval_min=(time.time() - t1) / 60, curve=m.get("evals", []),
                   final_train_loss=m["step_losses"][-1]["loss"], config=config.to_dict(),
-                  scenarios=[s.id for s in scen])
+                  scenarios=[s.id for s in scen], soft=args.soft)
     print("RESULT", json.dumps(result), flush=True)
     print(f"held-out agreement {result['agreement']:.3f}  r {result['r']:.3f}  A-rate {result['a_rate']:.3f}  "
           f"mass {result['mass']:.3f}  cache {result['cache_min']:.1f} + train {result['train_min']:.1f} min "
