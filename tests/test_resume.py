@@ -98,5 +98,6 @@ def test_call_seed_is_stable():
 
 
 def test_reports_do_not_depend_on_the_batch_size(tmp_path, uninterrupted):
-    # batch_size is part of the stage keys, so this is a fresh run: same samples, other batches
+    # a fresh run directory: the same samples drawn in other batches (tests/test_stage_keys.py: on the
+    # simulated backend batch_size is not even part of the stage keys)
     assert numbers(Run(small(batch_size=7), tmp_path, progress=False).execute()) == uninterrupted

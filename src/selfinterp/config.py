@@ -253,10 +253,22 @@ class RunConfig(Strict):
             return "simulated"
         return Path(self.model).name.replace("_", "-") or "model"
 
-    def hash_fields(self, *names: str) -> dict[str, Any]:
+    def hash_fields(self, *names: str, legacy: bool = False) -> dict[str, Any]:
         """The values of the named fields, as the stage keys see them (settings that cannot change
-        a result, like how often to checkpoint, are left out so that changing them redoes nothing)."""
+        a result, like how often to checkpoint, are left out so that changing them redoes nothing).
+
+        A backend's block counts only where that backend (or trainer) reads it. ``batch_size`` (how
+        many prompts go to the model per call) counts only where it can change a result: the hf
+        backend pads a batch into one forward, so P(A) moves with the batch's make-up at the level
+        of float rounding (and a greedy report can flip on a near-tie), and vLLM's batched kernels
+        likewise; the simulated backend draws per chat from the chat's own seed and the openai one
+        sends one request per chat, so there it changes nothing (tests/test_stage_keys.py).
+        ``legacy``: the keys before this rule (every block, batch_size everywhere), so that stages
+        recorded under them are still recognised (:meth:`selfinterp.run.Run.is_done`)."""
         unused = {"openai": self.backend != "openai" and self.trainer_name != "openai", "vllm": self.backend != "vllm"}
+        if not legacy:
+            unused["simulated"] = "simulated" not in (self.backend, self.trainer_name)
+            unused["batch_size"] = self.backend in ("simulated", "openai")
         out = {n: json.loads(self.model_dump_json(include={n}))[n] for n in names if not unused.get(n)}
         for n, value in out.items():  # a settings block keeps only what changes results
             for k in getattr(getattr(self, n), "OPERATIONAL", ()):

@@ -105,9 +105,19 @@ class Run:
         return sha256_json({"stage": stage.name, "format": STAGE_FORMAT,
                             "config": self.cfg.hash_fields(*stage.fields), "needs": upstream})
 
+    def legacy_key(self, stage: Stage) -> str | None:
+        """The key this stage had when every model stage read every backend block and batch_size:
+        a stage recorded under it is still valid (the old key held more, never less)."""
+        if "backend" not in stage.fields:
+            return None
+        upstream = {n: (st["output_hash"] if (st := self.state(n)) else None) for n in stage.needs}
+        fields = tuple(dict.fromkeys(stage.fields + ("simulated", "batch_size")))
+        return sha256_json({"stage": stage.name, "format": STAGE_FORMAT,
+                            "config": self.cfg.hash_fields(*fields, legacy=True), "needs": upstream})
+
     def is_done(self, stage: Stage) -> bool:
         st = self.state(stage.name)
-        if not st or st.get("key") != self.key(stage):
+        if not st or st.get("key") not in (self.key(stage), self.legacy_key(stage)):
             return False
         for rel, digest in st["outputs"].items():
             p = self.path(rel)
@@ -608,17 +618,18 @@ def stage_report(run: Run) -> dict:
 _ALL = ("backend", "model", "seed")
 _DESIGN = ("scenarios", "seed", "n_instilled", "n_native", "n_train", "n_val", "counterbalance", "n_introspection")
 _REPORTS = ("n_reports", "report_mode", "report_max_new_tokens", "report_temperature")
-_MODEL_BACKEND = ("backend", "model", "simulated", "batch_size", "trainer", "openai", "vllm")
+_MODEL_BACKEND = ("backend", "model", "simulated", "trainer", "openai", "vllm")  # what training reads
+_INFER = _MODEL_BACKEND + ("batch_size",)  # and what measuring reads (batch_size: see RunConfig.hash_fields)
 
 STAGES: list[Stage] = [
     Stage("design", "scenarios, weights and fine-tuning datasets", (), _DESIGN, stage_design),
     Stage("instill", "fine-tune the base model on the preference examples", ("design",),
           _MODEL_BACKEND + ("instill",), stage_instill),
     Stage("validate", "held-out choices of the instilled model; the instillation gate", ("instill",),
-          _MODEL_BACKEND + ("n_eval_trials", "eval_counterbalance", "soft_targets", "gate"), stage_validate),
-    Stage("reports_base", "the base model's self-reports (control)", ("design",), _MODEL_BACKEND + _REPORTS,
+          _INFER + ("n_eval_trials", "eval_counterbalance", "soft_targets", "gate"), stage_validate),
+    Stage("reports_base", "the base model's self-reports (control)", ("design",), _INFER + _REPORTS,
           stage_reports_base),
-    Stage("reports_instilled", "the instilled model's self-reports", ("validate",), _MODEL_BACKEND + _REPORTS,
+    Stage("reports_instilled", "the instilled model's self-reports", ("validate",), _INFER + _REPORTS,
           stage_reports_instilled),
     Stage("itrain_first", "introspection training on the first half", ("instill",), _MODEL_BACKEND + ("introspection",),
           stage_itrain_first),
@@ -627,15 +638,15 @@ STAGES: list[Stage] = [
     Stage("itrain_all", "introspection training on every instilled scenario", ("instill",),
           _MODEL_BACKEND + ("introspection",), stage_itrain_all, native=True),
     Stage("reports_itrained_first", "reports on the second half after training on the first", ("itrain_first",),
-          _MODEL_BACKEND + _REPORTS, stage_reports_itrained_first),
+          _INFER + _REPORTS, stage_reports_itrained_first),
     Stage("reports_itrained_last", "reports on the first half after training on the second", ("itrain_last",),
-          _MODEL_BACKEND + _REPORTS, stage_reports_itrained_last),
+          _INFER + _REPORTS, stage_reports_itrained_last),
     Stage("native_choices", "the instilled model's choices on native scenarios", ("validate",),
-          _MODEL_BACKEND + ("n_native_trials", "eval_counterbalance", "soft_targets"), stage_native_choices, native=True),
+          _INFER + ("n_native_trials", "eval_counterbalance", "soft_targets"), stage_native_choices, native=True),
     Stage("reports_native_instilled", "the instilled model's reports on native scenarios", ("validate",),
-          _MODEL_BACKEND + _REPORTS, stage_reports_native_instilled, native=True),
+          _INFER + _REPORTS, stage_reports_native_instilled, native=True),
     Stage("reports_native_itrained", "reports on native scenarios after training on all", ("itrain_all",),
-          _MODEL_BACKEND + _REPORTS, stage_reports_native_itrained, native=True),
+          _INFER + _REPORTS, stage_reports_native_itrained, native=True),
     Stage("analysis", "the paper's table, figures", (
         "validate", "reports_base", "reports_instilled", "reports_itrained_first", "reports_itrained_last",
         "native_choices", "reports_native_instilled", "reports_native_itrained"), ("seed",), stage_analysis),
