@@ -401,6 +401,7 @@ def run_cmd(
         return
     from .backends.openai_api import OpenAIAPIError
     from .backends.vllm import VLLMUnavailable
+    from .journal import JournalBusy
     from .layout import LayoutError
     from .lock import RunLocked
     from .models import ModelError
@@ -413,7 +414,8 @@ def run_cmd(
               f"in {out.resolve()}")
     try:
         results = Run(cfg, out, force=force, console=err).execute()
-    except (GateFailed, ModelError, ScenarioError, OpenAIAPIError, VLLMUnavailable, RunLocked, LayoutError) as e:
+    except (GateFailed, ModelError, ScenarioError, OpenAIAPIError, VLLMUnavailable, RunLocked, LayoutError,
+            JournalBusy) as e:
         fail(str(e))
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted: finished work is kept in {out}; run the same command again to resume[/]")

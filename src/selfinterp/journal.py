@@ -4,15 +4,24 @@ Every model call's result is appended to a JSONL journal as soon as it completes
 fsync'd, so a crash, Ctrl-C or ``kill -9`` loses at most the calls in flight; a re-run reads
 the journal and makes only the calls it does not hold. A line cut off by a crash is detected
 (it does not parse) and cut away before new lines are appended.
+
+One writer at a time: a journal holds an exclusive lock on its file (``flock``) from opening to
+:meth:`Journal.close`, and a second writer gets :class:`JournalBusy` rather than interleaving
+its lines with the first's. The lock dies with its process, so a crash never leaves it behind.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
+
+
+class JournalBusy(RuntimeError):
+    """Another writer holds the journal."""
 
 
 class Journal:
@@ -21,12 +30,19 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, Any] = {}
         self.n_truncated = 0
-        if self.path.exists():
-            self._load()
         self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise JournalBusy(f"{self.path}: another writer holds this journal (a second run into the same "
+                              "directory?); wait for it to finish, or stop it") from None
+        self._load()  # under the lock: nobody appends while a cut-off line is cut away
 
     def _load(self) -> None:
         data = self.path.read_bytes()
+        if not data:
+            return
         good_end = 0
         pos = 0
         for line in data.split(b"\n"):
@@ -67,7 +83,7 @@ class Journal:
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
+        self._file.close()  # releases the lock
 
     def __enter__(self) -> "Journal":
         return self

@@ -321,16 +321,18 @@ class Run:
         journal does not hold yet, recording each batch's results as soon as they arrive. The model
         is loaded only if there is something left to do."""
         todo = [it for it in items if it[0] not in journal]
-        if todo:
-            backend = self.backend(which)
-            with self._bar(title, len(items)) as bar:
-                task = bar.add_task("", total=len(items), completed=len(items) - len(todo))
-                for start in range(0, len(todo), self.cfg.batch_size):
-                    batch = todo[start:start + self.cfg.batch_size]
-                    journal.record_many(zip((it[0] for it in batch), call(backend, batch)))
-                    bar.update(task, advance=len(batch))
-            del backend
-        journal.close()
+        try:
+            if todo:
+                backend = self.backend(which)
+                with self._bar(title, len(items)) as bar:
+                    task = bar.add_task("", total=len(items), completed=len(items) - len(todo))
+                    for start in range(0, len(todo), self.cfg.batch_size):
+                        batch = todo[start:start + self.cfg.batch_size]
+                        journal.record_many(zip((it[0] for it in batch), call(backend, batch)))
+                        bar.update(task, advance=len(batch))
+                del backend
+        finally:  # also when interrupted: the journal's writer lock goes with it
+            journal.close()
 
     def measure_choices(self, which: str, scenarios: Sequence[Scenario], n_trials: int, purpose: str,
                         counterbalance: bool, out_name: str) -> dict:
