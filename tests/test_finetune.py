@@ -509,3 +509,23 @@ def test_soft_targets_score_the_first_answer_token(tiny_model_dir):
     for bad in ({"A": 0.7, "B": 0.7}, {"A": 1.0}, {"A": -0.5, "B": 1.5}, "A"):
         with pytest.raises(ValueError, match="soft_answer"):
             tokenize_row(tok, {**rows[0], "soft_answer": bad})
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, tmp_path, cached):
+    """gradient_checkpointing = true recomputes activations in the backward pass: the same step
+    losses as without (float32, within 1e-5), on the whole model and on the cached top layers;
+    the manifest records it; auto (None) leaves it off on a CPU."""
+    runs = {}
+    for gc in (False, True, None):
+        cfg = FinetuneConfig(method="full", layers=1, cache_lower_layers=cached, epochs=1, batch_size=4, lr=1e-2,
+                             warmup_ratio=0.0, autocast=None, seed=3, gradient_checkpointing=gc)
+        res = finetune(tiny_model_dir, examples(12), None, cfg, tmp_path / f"gc-{gc}", progress=False)
+        runs[gc] = res.manifest
+        if res.model is not None:  # the layers themselves were set to recompute
+            layers = res.model.model.layers
+            assert all(getattr(layer, "gradient_checkpointing", False) == bool(gc) for layer in layers)
+    losses = {gc: [r["loss"] for r in m["step_losses"]] for gc, m in runs.items()}
+    assert len(losses[True]) == 3 and losses[True] != losses[True][:1] * 3
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    assert runs[True]["gradient_checkpointing"] is True and runs[None]["gradient_checkpointing"] is False
