@@ -529,3 +529,19 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, tmp_p
     assert len(losses[True]) == 3 and losses[True] != losses[True][:1] * 3
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
     assert runs[True]["gradient_checkpointing"] is True and runs[None]["gradient_checkpointing"] is False
+
+
+def test_train_settings_reach_the_trainer_with_its_defaults():
+    """Every [instill]/[introspection] setting is a trainer field, with the trainer's default
+    (but checkpoint_every, which a run sets); dtype and checkpointing are reachable from a config."""
+    import dataclasses
+
+    from selfinterp import config
+
+    settings = config.TrainSettings(dtype="bfloat16", gradient_checkpointing=True, grad_clip=None, weight_decay=0.1)
+    fields = {**settings.model_dump(), "batching": "shuffle"}
+    fc = FinetuneConfig(**fields)
+    assert (fc.dtype, fc.gradient_checkpointing, fc.grad_clip, fc.weight_decay) == ("bfloat16", True, None, 0.1)
+    trainer = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    defaults = {**config.TrainSettings().model_dump(), "batching": "shuffle"}
+    assert {k for k, v in defaults.items() if trainer[k] != v} == {"checkpoint_every"}
