@@ -79,3 +79,25 @@ def test_engine_in_the_vllm_environment():
     sys.stdout.write(r.stdout[-6000:])
     assert r.returncode == 0, f"tests/vllm_inner failed in {VLLM_PYTHON}:\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
     assert " passed" in r.stdout and " skipped" not in r.stdout.split("\n")[-2], r.stdout[-2000:]
+
+
+def test_release_frees_the_device_cache_with_no_engine_alive(monkeypatch):
+    """After a training stage no engine is alive, but the allocator still holds the training
+    memory: release() must empty the device cache anyway, before an engine asks for its share."""
+    torch = pytest.importorskip("torch")
+    from selfinterp.backends import vllm
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setitem(vllm._ENGINE, "llm", None)
+    vllm.release()
+    assert calls == ["empty_cache"]
+
+
+def test_lora_buffers_are_sized_to_the_adapter(tmp_path):
+    from selfinterp.backends.vllm import EngineOptions, adapter_rank
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 16}))
+    assert adapter_rank(tmp_path) == 16 and EngineOptions().max_lora_rank is None
+    assert config.VLLMSettings().max_lora_rank is None

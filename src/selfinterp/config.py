@@ -154,7 +154,8 @@ class VLLMSettings(Strict):
     enable_prefix_caching: bool = True
     adapters: Literal["auto", "lora", "merged"] = Field(
         "auto", description="LoRA adapters served by LoRARequest or merged first (auto: lora on GPU, merged on CPU)")
-    max_lora_rank: int = Field(64, ge=1)
+    max_lora_rank: Optional[int] = Field(None, ge=1, description="None: the adapter's own rank (rounded up to a "
+                                         "size vLLM accepts); larger values only enlarge vLLM's LoRA buffers")
     max_num_seqs: Optional[int] = Field(None, ge=1)
     cpu_kvcache_gb: Optional[float] = Field(None, gt=0, description="KV cache on CPU, GiB (VLLM_CPU_KVCACHE_SPACE)")
     distributed_executor_backend: Optional[Literal["mp", "ray"]] = None

@@ -123,7 +123,7 @@ class EngineOptions:
     # unless that share of RAM is free (its default 0.92 fails beside any other job)
     enable_prefix_caching: bool = True
     adapters: str = "auto"  # "lora": LoRARequest; "merged": merge first; "auto": lora on GPU, merged on CPU
-    max_lora_rank: int = 64
+    max_lora_rank: int | None = None  # None: the served adapter's own rank (buffers sized to it)
     max_num_seqs: int | None = None
     cpu_kvcache_gb: float | None = None  # VLLM_CPU_KVCACHE_SPACE (GiB)
     distributed_executor_backend: str | None = None  # "mp" or "ray" (several nodes)
@@ -199,15 +199,16 @@ def release() -> None:
     """Shut the live engine down (its worker processes and memory)."""
     llm = _ENGINE.get("llm")
     _ENGINE.update(key=None, llm=None, seconds=None)
-    if llm is None:
-        return
-    try:
-        core = getattr(llm.llm_engine, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-    except Exception:
-        pass
-    del llm
+    if llm is not None:
+        try:
+            core = getattr(llm.llm_engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+        except Exception:
+            pass
+        del llm
+    # Also with no engine alive: memory a training stage left in the allocator's cache must be
+    # returned before an engine asks for its share of the device.
     gc.collect()
     try:
         import torch
@@ -247,8 +248,9 @@ class VLLMBackend:
         if enable_lora:
             from vllm.lora.request import LoRARequest
 
-            opts = EngineOptions(**{**opts.__dict__, "max_lora_rank": max(opts.max_lora_rank,
-                                                                          adapter_rank(lora))})
+            rank = adapter_rank(lora)
+            opts = EngineOptions(**{**opts.__dict__, "max_lora_rank": rank if opts.max_lora_rank is None
+                                    else max(opts.max_lora_rank, rank)})
             self.lora_request = LoRARequest(lora.parent.name if lora.name == "adapter" else lora.name,
                                             _lora_id(lora), str(lora))
         self.opts = opts
