@@ -545,3 +545,13 @@ def test_train_settings_reach_the_trainer_with_its_defaults():
     trainer = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
     defaults = {**config.TrainSettings().model_dump(), "batching": "shuffle"}
     assert {k for k, v in defaults.items() if trainer[k] != v} == {"checkpoint_every"}
+
+
+def test_release_memory_empties_the_device_cache(monkeypatch):
+    from selfinterp.finetune import release_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    release_memory()
+    assert calls == ["empty_cache"]

@@ -260,6 +260,8 @@ class Run:
         fc = ft.FinetuneConfig(**fields, seed=self.cfg.seed)
         result = ft.finetune(base_path, train_path, val_path, fc, out, resume=True, progress=self.progress)
         m = result.manifest
+        result.model = None  # the weights are on disk: free the device for the next stage's model or engine
+        ft.release_memory()
         losses = [s["loss"] for s in m.get("step_losses", [])]
         return {"model": str(out.relative_to(self.root)), "steps": m.get("steps"),
                 "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
