@@ -91,19 +91,21 @@ def answer_token_ids(tokenizer: Any, prompt_text: str, letters: Sequence[str] = 
 
 
 def _head_in(model: Any, dtype: torch.dtype) -> bool:
-    """Compute ``model``'s output layer in ``dtype``: a forward hook replaces the lm_head's
-    output by the same product in ``dtype`` (weights cast per call, so no second copy of a
-    possibly tied embedding stays in memory). False, and nothing changed, when the output layer
-    is not a plain Linear (e.g. wrapped by a LoRA adapter on the lm_head)."""
+    """Compute ``model``'s output layer in ``dtype``: the lm_head's forward is replaced by the
+    same product with a copy of its weights in ``dtype``, made once (the backend never trains its
+    model; casting per call would copy a 545M-parameter head on every decode step of a 7B model,
+    and running the original head first would compute it twice). False, and nothing changed,
+    when the output layer is not a plain Linear (e.g. wrapped by a LoRA adapter on the lm_head)."""
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return False
+    weight = head.weight.detach().to(dtype)
+    bias = None if head.bias is None else head.bias.detach().to(dtype)
 
-    def hook(module: torch.nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        bias = None if module.bias is None else module.bias.to(dtype)
-        return torch.nn.functional.linear(inputs[0].to(dtype), module.weight.to(dtype), bias)
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden.to(dtype), weight, bias)
 
-    head.register_forward_hook(hook)
+    head.forward = forward
     return True
 
 
