@@ -340,6 +340,7 @@ def read_reports(path: Path, k: int, findings: Findings | None = None) -> Report
     cols = [f"report_attr{j}" for j in range(1, k + 1)]
     t.require(["scenario"] + cols)
     w = t.numeric(cols)
+    t.numeric([c for c in t.columns if c.startswith(("A_attribute_", "B_attribute_"))])  # the pair shown: numbers too
     outside = np.abs(w) > SCALE
     n_rows = int(outside.any(axis=1).sum())
     if n_rows:

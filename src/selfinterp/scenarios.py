@@ -130,7 +130,11 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value) if math.isfinite(value) else None
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float (JSON allows 1 followed by 400 zeros)
+            return None
+        return value if math.isfinite(value) else None
     if isinstance(value, str):
         try:
             v = float(value)
