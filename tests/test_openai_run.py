@@ -152,7 +152,7 @@ def test_local_trainer_with_an_openai_compatible_inference_engine(tmp_path, tiny
     """trainer = "hf" trains here (peft); the server answers for the models under the served names
     (as vLLM would with --lora-modules). The fake server stands in for that server."""
     pytest.importorskip("torch")
-    monkeypatch.delenv("SI_FAKE_KEY", raising=False)
+    monkeypatch.setenv("SI_FAKE_KEY", "none")  # a local server that needs no key: any value, none is made up
     names = {"instilled": "lora-inst", "itrained_first": "lora-first", "itrained_last": "lora-last",
              "itrained_all": "lora-all"}
     train = dict(method="lora", layers=1, cache_lower_layers=True, lr=1e-3, epochs=1, batch_size=8)
