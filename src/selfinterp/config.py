@@ -360,14 +360,10 @@ def build(preset: str | None = None, file: str | Path | None = None, overrides: 
 def read_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: a directory, not a configuration file") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}): is it a TOML, YAML or JSON file?") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot be read: {e.strerror or e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        from .journal import unreadable
+
+        raise ConfigError(f"{path}: {unreadable(e, 'configuration', 'TOML, YAML or JSON')}") from None
     try:
         if path.suffix == ".toml":
             try:

@@ -92,6 +92,18 @@ class Journal:
         self.close()
 
 
+def unreadable(e: OSError | UnicodeDecodeError, kind: str, formats: str) -> str:
+    """Why a file could not be read as text, in words for a one-line error after its path: a
+    ``kind`` file ("configuration", "scenario", "CSV") expected in one of ``formats``."""
+    if isinstance(e, FileNotFoundError):
+        return "file not found"
+    if isinstance(e, IsADirectoryError):
+        return f"a directory, not a {kind} file"
+    if isinstance(e, UnicodeDecodeError):
+        return f"not a UTF-8 text file (byte {e.start}): is it a {formats} file?"
+    return f"cannot be read: {e.strerror or e}"
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write then rename: readers see the old file or the new one, never half of one."""
     path = Path(path)

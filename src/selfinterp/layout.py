@@ -230,12 +230,10 @@ def read_table(path: Path) -> Table:
                     raise LayoutError(f"{path}: line {reader.line_num}: {what}")
                 rows.append(row)
                 lines.append(reader.line_num)
-    except FileNotFoundError:
-        raise LayoutError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise LayoutError(f"{path}: a directory, not a CSV file") from None
-    except UnicodeDecodeError as e:
-        raise LayoutError(f"{path}: not a UTF-8 text file (byte {e.start}): is it a CSV file?") from None
+    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
+        from .journal import unreadable
+
+        raise LayoutError(f"{path}: {unreadable(e, 'CSV', 'CSV')}") from None
     except csv.Error as e:
         raise LayoutError(f"{path}: not a readable CSV file ({e})") from None
     if header is None:

@@ -246,13 +246,9 @@ def parse(raw: Any, source: str = "<data>", k: int | None = DEFAULT_K) -> list[S
 
 def _not_text(path: Path, e: OSError | UnicodeDecodeError) -> ScenarioError:
     """A file that cannot be read as text, as a problem that says why."""
-    if isinstance(e, FileNotFoundError):
-        return ScenarioError([Problem(str(path), "file not found")])
-    if isinstance(e, IsADirectoryError):
-        return ScenarioError([Problem(str(path), "a directory, not a scenario file")])
-    if isinstance(e, UnicodeDecodeError):
-        return ScenarioError([Problem(str(path), f"not a UTF-8 text file (byte {e.start}): is it a JSON or CSV file?")])
-    return ScenarioError([Problem(str(path), f"cannot be read: {e.strerror or e}")])
+    from .journal import unreadable
+
+    return ScenarioError([Problem(str(path), unreadable(e, "scenario", "JSON or CSV"))])
 
 
 def _read_json(path: Path) -> Any:
