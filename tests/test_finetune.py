@@ -459,6 +459,57 @@ def test_shared_prefix_cache_is_exact(tiny_model_dir, tmp_path, attn):
     assert (lp[real] - lf[real]).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefix_training_is_exact(tiny_model_dir, attn):
+    """The trained layers run each cached prefix once per batch and the suffixes after it: the
+    loss, the answer logits and every trained parameter's gradient equal those of whole
+    sequences within 1e-5 (fp32), with prefixes of different lengths in one batch, soft targets
+    included."""
+    from transformers import AutoTokenizer
+
+    from selfinterp.finetune import (_build_cache, _by_prefix, _collate, _collate_shared, _LossModule,
+                                     _prepare_trainable, _soft_targets, load_base, tokenize_row)
+
+    model, _ = load_base(str(tiny_model_dir))
+    model.config._attn_implementation = attn
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = paired_examples(12, n_groups=3)
+    for r in rows:
+        r["messages"][1]["content"] = r["messages"][1]["content"].replace("Question 0", "Question zero, a longer one")
+    for k, r in enumerate(rows[::3]):
+        r["soft_answer"] = {"A": 0.2 + 0.1 * k, "B": 0.8 - 0.1 * k}
+    ex = [tokenize_row(tok, r) for r in rows]
+    model, first = _prepare_trainable(model, FinetuneConfig(method="full", layers=2))
+    cfg = FinetuneConfig(method="full", layers=2, cache_lower_layers=True, autocast=None, share_prefix=True)
+    device = torch.device("cpu")
+    cache = dict(enumerate(_build_cache(model, ex, first, cfg, device, tokenizer=tok)))
+    idx = _by_prefix([0, 5, 1, 7, 2, 9, 10, 3], cache)
+    assert idx is not None and sorted(idx) == [0, 1, 2, 3, 5, 7, 9, 10]
+    loss = _LossModule(model, first, cached=True).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    soft = _soft_targets([ex[i] for i in idx], device)
+    assert soft
+
+    def run(shared: bool):
+        model.zero_grad()
+        if shared:
+            x, m, y, kw = _collate_shared([(cache[i], ex[i].labels) for i in idx], device)
+            assert len(kw["prefixes"]) == 3 and len({len(p) for p in kw["prefixes"]}) == 2
+        else:
+            x, m, y = _collate([(cache[i], ex[i].labels) for i in idx], device)
+            kw = {}
+        value = loss(x, m, y, *soft, **kw)
+        value.backward()
+        return value.item(), [p.grad.clone() for p in params]
+
+    (l_plain, g_plain), (l_shared, g_shared) = run(False), run(True)
+    assert abs(l_plain - l_shared) < 1e-5 * max(1.0, abs(l_plain))
+    for a, b in zip(g_plain, g_shared):
+        assert (a - b).abs().max().item() < 1e-5 * max(1.0, a.abs().max().item())
+    plain_rows = [(torch.tensor(e.input_ids), e.labels) for e in ex[:3]]
+    assert _by_prefix([0, 1, 2], dict(enumerate(r[0] for r in plain_rows))) is None  # nothing shared: whole rows
+
+
 def test_prefix_groups_use_the_prefix_all_members_share(smollm2_tokenizer_dir):
     """Two members that agree beyond their shared lines must not stretch the group's prefix over a
     third that does not (the length is the minimum over members, each compared from the lines on)."""

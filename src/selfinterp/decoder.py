@@ -7,7 +7,8 @@ through its ``forward``. Everything that depends on the decoder's anatomy lives 
 1. :func:`backbone` / :func:`lm_head` / :func:`head` - the parts of an HF or peft causal LM.
 2. :func:`lower_hidden` / :func:`top_hidden` / :func:`top_logits` - the layers below and from a
    split point, as the model's own forward runs them (checked by :func:`check_split`).
-3. :func:`prefix_groups` / :func:`lower_hidden_shared` / :func:`last_hidden_shared` - prompts
+3. :func:`prefix_groups` / :func:`lower_hidden_shared` / :func:`top_hidden_shared` /
+   :func:`last_hidden_shared` - prompts
    that share a prefix (one scenario's system prompt, instruction and question): the prefix runs
    once, each prompt only its own suffix, attending to the prefix's keys and values. Exact under
    causal attention (tests compare with a plain forward within 1e-5 in float32).
@@ -226,17 +227,15 @@ def prefix_supported(stack: nn.Module) -> bool:
             and "layer_type" not in inspect.signature(stack.rotary_emb.forward).parameters)
 
 
-def lower_hidden_shared(model: nn.Module, prefix: torch.Tensor, suffixes: torch.Tensor, first_trained: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states entering layer ``first_trained`` for one prefix (1, P) of token ids and a
-    batch of right-padded suffixes (B, S): (prefix (P, H), suffixes (B, S, H))."""
-    stack = backbone(model)
-    dev = prefix.device
-    P, (B, S) = prefix.shape[1], suffixes.shape
-    h = stack.embed_tokens(prefix)
-    g = stack.embed_tokens(suffixes)
-    if first_trained == 0:
-        return h[0], g
-    name = "cache" if "cache" in inspect.signature(stack.layers[0].forward).parameters else "past_key_values"
+def _run_shared(stack: nn.Module, layers: Sequence[nn.Module], h: torch.Tensor,
+                g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layers`` on one prefix's hidden states h (1, P, H), then on a batch of right-padded
+    suffixes g (B, S, H) that attend to the prefix's keys and values (positions P..P+S-1).
+    Differentiable: in training the prefix runs once per batch and its gradient collects every
+    suffix's share."""
+    dev = h.device
+    P, (B, S) = h.shape[1], g.shape[:2]
+    name = "cache" if "cache" in inspect.signature(layers[0].forward).parameters else "past_key_values"
     pos_p = torch.arange(P, device=dev)[None]
     pos_s = (P + torch.arange(S, device=dev))[None].expand(B, -1)
     pe_p, pe_s = stack.rotary_emb(h, pos_p), stack.rotary_emb(g, pos_s)
@@ -247,12 +246,33 @@ def lower_hidden_shared(model: nn.Module, prefix: torch.Tensor, suffixes: torch.
         m_p, m_s = (torch.zeros(m.shape, dtype=h.dtype, device=dev).masked_fill(~m, torch.finfo(h.dtype).min)
                     for m in (m_p, m_s))
     kv = _PrefixKV()
-    for layer in stack.layers[:first_trained]:
+    for layer in layers:
         h = layer(h, attention_mask=m_p, position_ids=pos_p, position_embeddings=pe_p, use_cache=True, **{name: kv})
     kv.reading = True
-    for layer in stack.layers[:first_trained]:
+    for layer in layers:
         g = layer(g, attention_mask=m_s, position_ids=pos_s, position_embeddings=pe_s, use_cache=True, **{name: kv})
+    return h, g
+
+
+def lower_hidden_shared(model: nn.Module, prefix: torch.Tensor, suffixes: torch.Tensor, first_trained: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states entering layer ``first_trained`` for one prefix (1, P) of token ids and a
+    batch of right-padded suffixes (B, S): (prefix (P, H), suffixes (B, S, H))."""
+    stack = backbone(model)
+    h, g = stack.embed_tokens(prefix), stack.embed_tokens(suffixes)
+    if first_trained == 0:
+        return h[0], g
+    h, g = _run_shared(stack, stack.layers[:first_trained], h, g)
     return h[0], g
+
+
+def top_hidden_shared(model: nn.Module, prefix: torch.Tensor, suffixes: torch.Tensor,
+                      first_trained: int) -> torch.Tensor:
+    """Final (normed) hidden states (B, S, H) of right-padded suffixes from the input of layer
+    ``first_trained``: one prefix's states (P, H) and the suffixes' (B, S, H), as a plain
+    :func:`top_hidden` of prefix + suffix gives them at the suffix positions."""
+    stack = backbone(model)
+    _, g = _run_shared(stack, stack.layers[first_trained:], prefix[None], suffixes)
+    return stack.norm(g)
 
 
 def check_split(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, h: torch.Tensor, first: int) -> None:

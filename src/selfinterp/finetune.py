@@ -355,18 +355,28 @@ class _LossModule(nn.Module):
         self.first_trained = first_trained
         self.cached = cached
 
-    def hidden(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def hidden(self, inputs: torch.Tensor, attention_mask: torch.Tensor,
+               prefixes: Sequence[torch.Tensor] | None = None, sizes: Sequence[int] | None = None) -> torch.Tensor:
         if self.cached:  # a bfloat16 cache is widened to the weights' dtype (autocast narrows it again)
-            inputs = inputs.to(dec.lm_head(self.model).weight.dtype)
+            dtype = dec.lm_head(self.model).weight.dtype
+            inputs = inputs.to(dtype)
+            if prefixes is not None:  # rows in runs of `sizes` suffixes, each run after its prefix
+                out, s = [], 0
+                for pre, n in zip(prefixes, sizes):
+                    out.append(dec.top_hidden_shared(self.model, pre.to(dtype), inputs[s: s + n], self.first_trained))
+                    s += n
+                return torch.cat(out)
             return dec.top_hidden(self.model, inputs, attention_mask, self.first_trained)
         return dec.decoder_stack(self.model)(input_ids=inputs, attention_mask=attention_mask,
                                              use_cache=False).last_hidden_state  # no KV cache in training
 
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                soft_ids: torch.Tensor | None = None, soft_p: torch.Tensor | None = None) -> torch.Tensor:
+                soft_ids: torch.Tensor | None = None, soft_p: torch.Tensor | None = None,
+                prefixes: Sequence[torch.Tensor] | None = None, sizes: Sequence[int] | None = None) -> torch.Tensor:
         """Summed loss; with soft targets ((B, K) token ids and probabilities, rows of zeros for
-        rows without) a row's first supervised token is scored by cross-entropy to them."""
-        hidden = self.hidden(inputs, attention_mask)
+        rows without) a row's first supervised token is scored by cross-entropy to them. With
+        ``prefixes`` the rows are suffixes (from :func:`_collate_shared`)."""
+        hidden = self.hidden(inputs, attention_mask, prefixes, sizes)
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = dec.head(self.model, hidden[:, :-1][keep]).float()
@@ -413,6 +423,37 @@ def _collate(rows: Sequence[tuple[torch.Tensor, list[int]]], device: torch.devic
         mask[i, : len(lab)] = 1
         labels[i, : len(lab)] = torch.tensor(lab)
     return inputs.to(device), mask.to(device), labels.to(device)
+
+
+def _by_prefix(idx: Sequence[int], inputs: dict[int, Any]) -> list[int] | None:
+    """A micro-batch's rows ordered in runs that share one cached prefix (first-seen order), or
+    None when a row has no shared prefix (the batch then runs whole sequences)."""
+    runs: dict[int, list[int]] = {}
+    for i in idx:
+        x = inputs[i]
+        if not isinstance(x, tuple):
+            return None
+        runs.setdefault(id(x[0]), []).append(i)
+    return [i for run in runs.values() for i in run]
+
+
+def _collate_shared(rows: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], list[int]]],
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Right-pad the suffixes of rows ordered by :func:`_by_prefix`: (suffix states, mask, suffix
+    labels, {"prefixes": each run's prefix states, "sizes": each run's rows})."""
+    prefixes: list[torch.Tensor] = []
+    sizes: list[int] = []
+    for (pre, _), _ in rows:
+        if prefixes and pre is prefixes[-1]:
+            sizes[-1] += 1
+        else:
+            prefixes.append(pre)
+            sizes.append(1)
+    # The prefix holds prompt tokens only (prefix_groups cuts before each prompt's last token), so
+    # every supervised label lies in the suffix; the prefix's last state predicts a prompt token.
+    starts = [len(pre) for (pre, _), _ in rows]
+    x, m, y = _collate([(suf, lab[p:]) for ((_, suf), lab), p in zip(rows, starts)], device)
+    return x, m, y, {"prefixes": [t.to(device) for t in prefixes], "sizes": sizes}
 
 
 def _soft_targets(examples: Sequence[TokenizedExample], device: torch.device) -> tuple:
@@ -699,6 +740,9 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cached = config.cache_lower_layers and first > 0
+    # Shared prefixes also in the trained layers (each prefix once per micro-batch); checkpointed
+    # layers drop the key/value store that the suffixes read, so not with checkpointing.
+    share_trained = cached and config.share_prefix and not checkpointing
 
     # The batches of every epoch, fixed by the seed (so a resumed run takes the same ones).
     # "shuffle": each process owns a fixed shard (wrapped round so all shards are equally long, as
@@ -866,12 +910,18 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             n_tok = sum(train_ex[i].n_supervised for i in step_idx)
             step_sum = torch.zeros(2, device=device)
             for j, idx in enumerate(micro_batches):
-                x, m, y = _collate([(train_inputs[i], train_ex[i].labels) for i in idx], device)
+                runs = _by_prefix(idx, train_inputs) if share_trained else None
+                if runs is not None:  # each prefix once through the trained layers, gradients through it
+                    idx = runs
+                    x, m, y, shared = _collate_shared([(train_inputs[i], train_ex[i].labels) for i in idx], device)
+                else:
+                    x, m, y = _collate([(train_inputs[i], train_ex[i].labels) for i in idx], device)
+                    shared = {}
                 soft = _soft_targets([train_ex[i] for i in idx], device)
                 sync = contextlib.nullcontext() if j == len(micro_batches) - 1 else accelerator.no_sync(loss_module)
                 with sync:
                     with _autocast(config, device):
-                        loss_sum = loss_module(x, m, y, *soft)
+                        loss_sum = loss_module(x, m, y, *soft, **shared)
                     accelerator.backward(loss_sum / n_tok)
                 step_sum += torch.stack([loss_sum.detach().float(), torch.tensor(float(sum(
                     train_ex[i].n_supervised for i in idx)), device=device)])
@@ -941,6 +991,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             "folded_system": folded_system,
             "first_trained_layer": first,
             "gradient_checkpointing": checkpointing,
+            "shared_prefix_training": share_trained,
             "num_layers": dec.n_layers(model),
             "trainable_parameters": sum(p.numel() for p in params),
             "world_size": world,
