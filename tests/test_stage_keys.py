@@ -53,6 +53,10 @@ SIM = dict(backend="simulated", report_mode="free")
     (HF, {"n_reports": 3}, {s for s in MEASURING if s.startswith("reports_")}),
     (HF, {"instill": {"lr": 1e-4}}, {"instill"}),
     (SIM, {"seed": 1}, {"design", "analysis"}),  # every other stage follows through the design's checksums
+    # soft instillation labels make other datasets (the design's), not another trainer; with hard
+    # labels their temperature is read by nothing
+    (HF, {"instill": {"labels": "soft"}}, {"design"}),
+    (HF, {"instill": {"label_temperature": 5.0}}, set()),
 ])
 def test_stage_keys_hold_what_the_stage_reads(base, change, expect):
     a = config.build("smoke", overrides=base)
@@ -100,3 +104,27 @@ def test_stages_recorded_under_the_older_keys_are_still_done(tmp_path):
         f.write_text(json.dumps(st))
     _, log = _run(cfg, tmp_path)
     assert "finished in" not in log and log.count(": done") == len(STAGES)
+
+
+def test_soft_labels_go_into_the_training_set_only(tmp_path):
+    from selfinterp.run import stage_design
+
+    def rows(cfg, name):
+        run = Run(cfg, tmp_path / cfg.instill.labels, progress=False, console=Console(file=io.StringIO()))
+        stage_design(run)
+        return [json.loads(line) for line in (run.path("datasets") / name).read_text().splitlines()]
+
+    hard = config.build("smoke", overrides=HF)
+    soft = config.build("smoke", overrides={**HF, "instill": {"labels": "soft", "label_temperature": 10.0}})
+    train, val = rows(soft, "instill_train.jsonl"), rows(soft, "instill_val.jsonl")
+    assert [r["messages"] for r in train] == [r["messages"] for r in rows(hard, "instill_train.jsonl")]
+    assert all("soft_answer" not in r for r in val) and all(len(r["soft_answer"]) == 2 for r in train)
+    for r in train:  # the soft target agrees with the hard answer it sits beside, and is a distribution
+        p_a, answer = r["soft_answer"]["A"], r["messages"][-1]["content"]
+        assert abs(p_a + r["soft_answer"]["B"] - 1) < 1e-5 and (p_a >= 0.5) == (answer == "A")
+    assert len({r["soft_answer"]["A"] for r in train}) > len(train) // 4  # graded, not two values
+
+
+def test_soft_labels_need_a_trainer_that_reads_them():
+    with pytest.raises(ValueError, match="instill.labels 'soft' needs the hf trainer"):
+        config.build(overrides={**API, "instill": {"labels": "soft"}})

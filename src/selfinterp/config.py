@@ -74,6 +74,19 @@ class TrainSettings(Strict):
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("checkpoint_every", "eval_every", "log_with")
 
 
+class InstillSettings(TrainSettings):
+    """Instillation: the trainer's settings and how its examples are labelled."""
+
+    labels: Literal["hard", "soft"] = Field(
+        "hard", description="'hard': the simulated choice, as the paper trained; 'soft': the target is "
+        "P(A) = sigmoid((u_A - u_B) / label_temperature), a near-tie taught as one (hf trainer only)")
+    label_temperature: float = Field(10.0, gt=0, description="utility units (weights in -100..100) per "
+                                     "logit of the soft target")
+
+    # Read by the design stage (they make the datasets), not by the trainer.
+    DATA: ClassVar[tuple[str, ...]] = ("labels", "label_temperature")
+
+
 class SimulatedSettings(Strict):
     """The simulated decision-maker (see :mod:`selfinterp.backends.simulated`)."""
 
@@ -209,7 +222,7 @@ class RunConfig(Strict):
     report_temperature: float = Field(0.0, ge=0)
     n_introspection: int = Field(50, ge=1, description="introspection-training examples per scenario")
     batch_size: int = Field(16, ge=1, description="prompts per forward pass")
-    instill: TrainSettings = TrainSettings()
+    instill: InstillSettings = InstillSettings()
     introspection: TrainSettings = TrainSettings(epochs=2)
     simulated: SimulatedSettings = SimulatedSettings()
     gate: Gate = Gate()
@@ -243,6 +256,9 @@ class RunConfig(Strict):
         if not self.counterbalance and self.instill.batching in ("pairs", "grouped_pairs"):
             raise ValueError(f"instill.batching {self.instill.batching!r} keeps counterbalanced pairs together: "
                              "set counterbalance = true, or batching = 'shuffle'")
+        if self.instill.labels == "soft" and trainer not in ("hf", "simulated"):
+            raise ValueError(f"instill.labels 'soft' needs the hf trainer (trainer {trainer!r} learns from "
+                             "the answer text only); use labels = 'hard'")
         if self.introspection.batching in ("pairs", "grouped_pairs"):
             raise ValueError("introspection.batching: introspection examples are not A/B pairs; use 'auto' or 'shuffle'")
         if self.backend == "simulated" and self.report_mode == "constrained":
@@ -278,11 +294,16 @@ class RunConfig(Strict):
         if not legacy:
             unused["simulated"] = "simulated" not in (self.backend, self.trainer_name)
             unused["batch_size"] = self.backend in ("simulated", "openai")
-        out = {n: json.loads(self.model_dump_json(include={n}))[n] for n in names if not unused.get(n)}
+        out = {n: json.loads(self.model_dump_json(include={n}))[n] for n in names
+               if not unused.get(n) and n in type(self).model_fields}
         for n, value in out.items():  # a settings block keeps only what changes results
             for k in getattr(getattr(self, n), "OPERATIONAL", ()):
                 if not (k == "eval_every" and value.get("early_stop_patience")):  # early stopping watches them
                     value.pop(k, None)
+            for k in getattr(getattr(self, n), "DATA", ()):  # counted by the design stage, which makes the data
+                value.pop(k, None)
+        if "instill.labels" in names and self.instill.labels != "hard":  # hard labels keep older design keys
+            out["instill.labels"] = {k: getattr(self.instill, k) for k in InstillSettings.DATA}
         if out.get("trainer", 0) is None:
             out.pop("trainer")  # runs that predate the field keep their stage keys
         return out

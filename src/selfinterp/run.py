@@ -254,7 +254,7 @@ class Run:
         from . import models
 
         base_path = str(models.resolve(self.cfg.model)) if base == "base" else str(materialise(self.model_dir(base)))
-        fields = settings.model_dump()
+        fields = settings.model_dump(exclude=set(getattr(settings, "DATA", ())))  # the trainer's own settings
         if fields["batching"] == "auto":  # counterbalanced decisions come as adjacent A/B-swapped pairs
             fields["batching"] = "pairs" if self.cfg.counterbalance and data.startswith("instill") else "shuffle"
         fc = ft.FinetuneConfig(**fields, seed=self.cfg.seed)
@@ -480,7 +480,8 @@ def stage_design(run: Run) -> dict:
     ds = run.path("datasets")
     counts = {
         "instill_train.jsonl": design.write_jsonl(ds / "instill_train.jsonl", design.instillation_examples(
-            instilled, weights, cfg.n_train, cfg.seed, "instill-train", cfg.counterbalance)),
+            instilled, weights, cfg.n_train, cfg.seed, "instill-train", cfg.counterbalance,
+            label_temperature=cfg.instill.label_temperature if cfg.instill.labels == "soft" else None)),
         "instill_val.jsonl": design.write_jsonl(ds / "instill_val.jsonl", design.instillation_examples(
             instilled, weights, cfg.n_val, cfg.seed, "instill-val", cfg.counterbalance)),
     }
@@ -620,7 +621,8 @@ def stage_report(run: Run) -> dict:
 
 
 _ALL = ("backend", "model", "seed")
-_DESIGN = ("scenarios", "seed", "n_instilled", "n_native", "n_train", "n_val", "counterbalance", "n_introspection")
+_DESIGN = ("scenarios", "seed", "n_instilled", "n_native", "n_train", "n_val", "counterbalance", "n_introspection",
+           "instill.labels")
 _REPORTS = ("n_reports", "report_mode", "report_max_new_tokens", "report_temperature")
 _MODEL_BACKEND = ("backend", "model", "simulated", "trainer", "openai", "vllm")  # what training reads
 _INFER = _MODEL_BACKEND + ("batch_size",)  # and what measuring reads (batch_size: see RunConfig.hash_fields)
