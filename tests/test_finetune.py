@@ -467,47 +467,54 @@ def test_shared_prefix_training_is_exact(tiny_model_dir, attn):
     included."""
     from transformers import AutoTokenizer
 
-    from selfinterp.finetune import (_build_cache, _by_prefix, _collate, _collate_shared, _LossModule,
-                                     _prepare_trainable, _soft_targets, load_base, tokenize_row)
+    from selfinterp.finetune import (_build_cache, _collate, _collate_shared, _LossModule, _prepare_trainable,
+                                     _shared_runs, _soft_targets, load_base, tokenize_row)
 
     model, _ = load_base(str(tiny_model_dir))
     model.config._attn_implementation = attn
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = paired_examples(12, n_groups=3)
-    for r in rows:
-        r["messages"][1]["content"] = r["messages"][1]["content"].replace("Question 0", "Question zero, a longer one")
+    for r in rows:  # questions as long as a scenario's (a shared prefix worth a forward), one longer still
+        r["messages"][1]["content"] = r["messages"][1]["content"].replace(
+            ": which", ", " + "about the options below, " * 8 + "which").replace("Question 0", "Question zero, a longer one")
     for k, r in enumerate(rows[::3]):
         r["soft_answer"] = {"A": 0.2 + 0.1 * k, "B": 0.8 - 0.1 * k}
     ex = [tokenize_row(tok, r) for r in rows]
     model, first = _prepare_trainable(model, FinetuneConfig(method="full", layers=2))
-    cfg = FinetuneConfig(method="full", layers=2, cache_lower_layers=True, autocast=None, share_prefix=True)
     device = torch.device("cpu")
-    cache = dict(enumerate(_build_cache(model, ex, first, cfg, device, tokenizer=tok)))
-    idx = _by_prefix([0, 5, 1, 7, 2, 9, 10, 3], cache)
-    assert idx is not None and sorted(idx) == [0, 1, 2, 3, 5, 7, 9, 10]
     loss = _LossModule(model, first, cached=True).train()
     params = [p for p in model.parameters() if p.requires_grad]
+    idx, runs = _shared_runs([0, 5, 1, 7, 2, 9, 10, 3], ex, tok)
+    assert sorted(idx) == [0, 1, 2, 3, 5, 7, 9, 10] and len(runs) == 3 and len({p for p, _ in runs}) == 2
     soft = _soft_targets([ex[i] for i in idx], device)
     assert soft
 
-    def run(shared: bool):
-        model.zero_grad()
-        if shared:
-            x, m, y, kw = _collate_shared([(cache[i], ex[i].labels) for i in idx], device)
-            assert len(kw["prefixes"]) == 3 and len({len(p) for p in kw["prefixes"]}) == 2
-        else:
-            x, m, y = _collate([(cache[i], ex[i].labels) for i in idx], device)
-            kw = {}
-        value = loss(x, m, y, *soft, **kw)
-        value.backward()
-        return value.item(), [p.grad.clone() for p in params]
+    # The runs come from the batch's prompts, not from the cache: with a cache of whole prompts
+    # (share_prefix off there) and with the shared one, the same exact result.
+    for share_cache in (False, True):
+        cfg = FinetuneConfig(method="full", layers=2, cache_lower_layers=True, autocast=None, share_prefix=share_cache)
+        cache = dict(enumerate(_build_cache(model, ex, first, cfg, device, tokenizer=tok)))
+        assert any(isinstance(x, tuple) for x in cache.values()) == share_cache
 
-    (l_plain, g_plain), (l_shared, g_shared) = run(False), run(True)
-    assert abs(l_plain - l_shared) < 1e-5 * max(1.0, abs(l_plain))
-    for a, b in zip(g_plain, g_shared):
-        assert (a - b).abs().max().item() < 1e-5 * max(1.0, a.abs().max().item())
-    plain_rows = [(torch.tensor(e.input_ids), e.labels) for e in ex[:3]]
-    assert _by_prefix([0, 1, 2], dict(enumerate(r[0] for r in plain_rows))) is None  # nothing shared: whole rows
+        def run(shared: bool):
+            model.zero_grad()
+            if shared:
+                x, m, y, kw = _collate_shared([(cache[i], ex[i].labels) for i in idx], runs, device)
+                assert len(kw["prefixes"]) == 3 and kw["sizes"] == [n for _, n in runs]
+            else:
+                x, m, y = _collate([(cache[i], ex[i].labels) for i in idx], device)
+                kw = {}
+            value = loss(x, m, y, *soft, **kw)
+            value.backward()
+            return value.item(), [p.grad.clone() for p in params]
+
+        (l_plain, g_plain), (l_shared, g_shared) = run(False), run(True)
+        assert abs(l_plain - l_shared) < 1e-5 * max(1.0, abs(l_plain))
+        for a, b in zip(g_plain, g_shared):
+            assert (a - b).abs().max().item() < 1e-5 * max(1.0, a.abs().max().item())
+    lone = tokenize_row(tok, {"messages": [{"role": "user", "content": "Something else entirely"},
+                                           {"role": "assistant", "content": "A"}]})
+    assert _shared_runs([0, 1], [ex[0], lone], tok) is None  # a row that shares nothing: whole rows
 
 
 def test_prefix_groups_use_the_prefix_all_members_share(smollm2_tokenizer_dir):

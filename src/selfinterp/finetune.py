@@ -425,35 +425,40 @@ def _collate(rows: Sequence[tuple[torch.Tensor, list[int]]], device: torch.devic
     return inputs.to(device), mask.to(device), labels.to(device)
 
 
-def _by_prefix(idx: Sequence[int], inputs: dict[int, Any]) -> list[int] | None:
-    """A micro-batch's rows ordered in runs that share one cached prefix (first-seen order), or
-    None when a row has no shared prefix (the batch then runs whole sequences)."""
-    runs: dict[int, list[int]] = {}
-    for i in idx:
-        x = inputs[i]
-        if not isinstance(x, tuple):
-            return None
-        runs.setdefault(id(x[0]), []).append(i)
-    return [i for run in runs.values() for i in run]
+def _shared_runs(idx: Sequence[int], examples: Sequence[TokenizedExample],
+                 tokenizer: Any) -> tuple[list[int], list[tuple[int, int]]] | None:
+    """A micro-batch's rows reordered in runs that share a prompt prefix, with each run's (prefix
+    length, rows), or None when some row shares none (the batch then runs whole sequences).
+
+    The runs are found among the batch's own prompts (one scenario's question, typically), not
+    taken from the cache's groups: those can be finer (1,000 prompts of a scenario split by their
+    first attribute's value), and every extra prefix in a batch is one more forward."""
+    groups = dec.prefix_groups([_prompt(examples[i]) for i in idx], tokenizer)
+    if any(p == 0 for p, _ in groups):
+        return None
+    return [idx[k] for _, members in groups for k in members], [(p, len(members)) for p, members in groups]
 
 
-def _collate_shared(rows: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], list[int]]],
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Right-pad the suffixes of rows ordered by :func:`_by_prefix`: (suffix states, mask, suffix
-    labels, {"prefixes": each run's prefix states, "sizes": each run's rows})."""
-    prefixes: list[torch.Tensor] = []
-    sizes: list[int] = []
-    for (pre, _), _ in rows:
-        if prefixes and pre is prefixes[-1]:
-            sizes[-1] += 1
-        else:
-            prefixes.append(pre)
-            sizes.append(1)
-    # The prefix holds prompt tokens only (prefix_groups cuts before each prompt's last token), so
-    # every supervised label lies in the suffix; the prefix's last state predicts a prompt token.
-    starts = [len(pre) for (pre, _), _ in rows]
-    x, m, y = _collate([(suf, lab[p:]) for ((_, suf), lab), p in zip(rows, starts)], device)
-    return x, m, y, {"prefixes": [t.to(device) for t in prefixes], "sizes": sizes}
+def _full_states(x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return torch.cat(x) if isinstance(x, tuple) else x
+
+
+def _collate_shared(rows: Sequence[tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], list[int]]],
+                    runs: Sequence[tuple[int, int]], device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Right-pad the suffixes of rows ordered by :func:`_shared_runs`: (suffix states, mask, suffix
+    labels, {"prefixes": each run's prefix states, "sizes": each run's rows}). A run's prefix
+    states are its first row's (causal attention: the same tokens give the same states)."""
+    full = [(_full_states(x), lab) for x, lab in rows]
+    prefixes, suffixes, s = [], [], 0
+    for p, n in runs:
+        prefixes.append(full[s][0][:p].to(device))
+        # prefix_groups cuts before each prompt's last token, so every supervised label lies in
+        # the suffix; the prefix's last state predicts a prompt token.
+        suffixes += [(h[p:], lab[p:]) for h, lab in full[s: s + n]]
+        s += n
+    x, m, y = _collate(suffixes, device)
+    return x, m, y, {"prefixes": prefixes, "sizes": [n for _, n in runs]}
 
 
 def _soft_targets(examples: Sequence[TokenizedExample], device: torch.device) -> tuple:
@@ -801,8 +806,11 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms and biases
     no_decay = [p for p in params if p.dim() < 2]
+    # The fused kernel updates every tensor in one pass (CPU and CUDA), the same AdamW arithmetic:
+    # ~5% of a cpu-recipe step (2.76 -> 2.60 s, 2.93 vs 3.02 s, interleaved runs).
+    fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=fused or None)
     optimizer = accelerator.prepare(optimizer)
     # The scheduler is not prepared: accelerate would step it once per process.
     scheduler = _schedule(optimizer, config, total_steps)
@@ -910,10 +918,11 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             n_tok = sum(train_ex[i].n_supervised for i in step_idx)
             step_sum = torch.zeros(2, device=device)
             for j, idx in enumerate(micro_batches):
-                runs = _by_prefix(idx, train_inputs) if share_trained else None
+                runs = _shared_runs(idx, train_ex, tok) if share_trained else None
                 if runs is not None:  # each prefix once through the trained layers, gradients through it
-                    idx = runs
-                    x, m, y, shared = _collate_shared([(train_inputs[i], train_ex[i].labels) for i in idx], device)
+                    idx, sizes = runs
+                    x, m, y, shared = _collate_shared([(train_inputs[i], train_ex[i].labels) for i in idx], sizes,
+                                                      device)
                 else:
                     x, m, y = _collate([(train_inputs[i], train_ex[i].labels) for i in idx], device)
                     shared = {}
