@@ -321,14 +321,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         gate=dict(enabled=False),
     ),
     "cpu": dict(
-        # Recipe r03 of benchmarks/instill_cpu.md (held-out agreement 0.79, r 0.87 on 10 scenarios):
-        # 500 counterbalanced pairs per scenario, one epoch of full fine-tuning of the top 12 of 30
-        # layers on cached lower-layer activations, lr 3e-4, batch 16.
+        # Recipe p02 of benchmarks/instill_cpu.md (held-out agreement 0.83, r 0.86 on the paper's
+        # first 10 scenarios): 500 counterbalanced pairs per scenario, soft labels (T = 10), one
+        # epoch of full fine-tuning of the top 12 of 30 layers on cached lower-layer activations,
+        # lr 3e-4, batch 16 of pairs from 2 scenarios, the loss on the answer token.
         name="cpu", n_instilled=10, n_native=10, n_train=500, n_val=10, counterbalance=True,
         n_eval_trials=30, n_native_trials=30, eval_counterbalance=True, n_reports=5, n_introspection=20,
         report_mode="constrained",
         instill=dict(method="full", layers=12, cache_lower_layers=True, cache_dtype="bfloat16", lr=3e-4,
-                     epochs=1, batch_size=16, batching="grouped_pairs", groups_per_batch=2, eval_every=100),
+                     epochs=1, batch_size=16, batching="grouped_pairs", groups_per_batch=2, eval_every=100,
+                     labels="soft", label_temperature=10.0),
         introspection=dict(method="full", layers=12, cache_lower_layers=True, lr=3e-4, epochs=2, batch_size=8),
     ),
     "paper": dict(name="paper", backend="hf", model="Qwen/Qwen2.5-7B-Instruct"),
