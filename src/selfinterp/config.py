@@ -295,7 +295,7 @@ class RunConfig(Strict):
             unused["simulated"] = "simulated" not in (self.backend, self.trainer_name)
             unused["batch_size"] = self.backend in ("simulated", "openai")
         out = {n: json.loads(self.model_dump_json(include={n}))[n] for n in names
-               if not unused.get(n) and n in type(self).model_fields}
+               if not unused.get(n) and "." not in n}  # "block.field" names: below
         for n, value in out.items():  # a settings block keeps only what changes results
             for k in getattr(getattr(self, n), "OPERATIONAL", ()):
                 if not (k == "eval_every" and value.get("early_stop_patience")):  # early stopping watches them

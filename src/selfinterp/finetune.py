@@ -806,8 +806,8 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms and biases
     no_decay = [p for p in params if p.dim() < 2]
-    # The fused kernel updates every tensor in one pass (CPU and CUDA), the same AdamW arithmetic:
-    # ~5% of a cpu-recipe step (2.76 -> 2.60 s, 2.93 vs 3.02 s, interleaved runs).
+    # The fused kernel updates every tensor in one pass (CPU and CUDA), the same AdamW arithmetic
+    # (~5% of a cpu-recipe step, bench_finetune.md).
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=fused or None)
