@@ -8,9 +8,15 @@ and chat templates in seconds without downloading anything.
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Runs of tiny test models record the rates they achieve (selfinterp.estimate) in a file of their
+# own, never in the user's cache, where they would skew the estimates of real runs.
+os.environ.setdefault("SELFINTERP_RATES", str(Path(tempfile.mkdtemp(prefix="selfinterp-rates-")) / "rates.json"))
 
 PAPER_DATA = Path(__file__).resolve().parents[2] / "shared" / "paper-data"
 

@@ -135,3 +135,22 @@ def test_messages_keep_their_brackets(tmp_path):
     g = tmp_path / "[weird].toml"
     g.write_text("preset = [1]\n")
     one_line_error(invoke("run", g, "--dry-run"), "[weird].toml: preset: unknown preset [1]")
+
+
+@pytest.mark.parametrize("args,parts", [
+    (["run", "--preset", "smoke", "--seed", "abc"], ["selfinterp run", "'--seed'", "valid integer"]),
+    (["plan", "--trials", "1.5"], ["selfinterp plan", "'--trials'"]),
+    (["plan", "--bogus"], ["No such option: --bogus"]),
+    (["bogus"], ["No such command 'bogus'"]),
+])
+def test_usage_errors_are_one_line(args, parts):
+    """A flag's value that does not parse (click's usage errors) is one `error:` line with exit
+    code 2 from the installed command, not click's boxed usage text."""
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-m", "selfinterp", *args], capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in p.stderr, p.stderr
+    for part in parts:
+        assert part in lines[0], (part, lines[0])

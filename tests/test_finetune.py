@@ -3,6 +3,7 @@ adapter round trips, and a 2-process (gloo) run. All on the tiny random model: s
 
 from __future__ import annotations
 
+import math
 import json
 import os
 import socket
@@ -613,3 +614,24 @@ def test_release_memory_empties_the_device_cache(monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
     release_memory()
     assert calls == ["empty_cache"]
+
+
+def test_weights_dtype_auto_and_narrow_frozen_weights(tiny_model_dir, tmp_path):
+    """dtype "auto" is float32 on a CPU (bfloat16 on a GPU that has it), recorded as resolved; with
+    frozen weights in bfloat16 the fully trained layers and the final norm are float32 (AdamW
+    updates on bfloat16 weights would be lost to rounding), and training still learns."""
+    from selfinterp.finetune import resolve_autocast, resolve_dtype
+
+    assert resolve_dtype("auto", torch.device("cpu")) == "float32" and resolve_dtype("bfloat16", torch.device("cpu")) == "bfloat16"
+    assert resolve_autocast("bfloat16", torch.device("cpu")) == "bfloat16"
+    common = dict(method="full", layers=1, **{**FAST, "epochs": 2, "autocast": "bfloat16"})
+    auto = finetune(tiny_model_dir, examples(16), None, FinetuneConfig(**common), tmp_path / "auto", progress=False)
+    assert FinetuneConfig().dtype == "auto" and auto.manifest["config"]["dtype"] == "float32"
+    narrow = finetune(tiny_model_dir, examples(16), None, FinetuneConfig(dtype="bfloat16", **common), tmp_path / "bf16",
+                      progress=False)
+    dtypes = {n: p.dtype for n, p in narrow.model.named_parameters()}
+    trained = [n for n, p in narrow.model.named_parameters() if p.requires_grad]
+    assert trained and all(dtypes[n] == torch.float32 for n in trained)
+    assert any(d == torch.bfloat16 for n, d in dtypes.items() if n not in trained)
+    losses = [x["loss"] for x in narrow.manifest["step_losses"]]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]

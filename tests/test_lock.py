@@ -105,3 +105,63 @@ def test_two_selfinterp_runs_into_one_directory(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     assert f"took over the lock of pid {first.pid}" in res.stderr
+
+
+def _launch_env(rank: int, port: int, run_id: str = "none") -> dict:
+    return {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": run_id}
+
+
+def _try_lock(root: Path, env: dict, timeout: float = 3.0) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(f"""
+        from selfinterp.lock import RunLock, RunLocked
+        try:
+            lock = RunLock({str(root)!r}, join_timeout={timeout}).acquire()
+            print("joined" if lock.joined else "held")
+        except RunLocked as e:
+            print("locked:", e)
+    """)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_the_ranks_of_one_launch_share_its_lock(tmp_path):
+    """Under torchrun / accelerate launch, rank 0 holds the run's lock and the other ranks of the
+    same launch join it; a rank of another launch, or a plain second run, is refused."""
+    code = textwrap.dedent(f"""
+        import time
+        from selfinterp.lock import lock_run
+        lock = lock_run({str(tmp_path)!r})
+        print("held", flush=True)
+        time.sleep(120)
+    """)
+    rank0 = subprocess.Popen([sys.executable, "-c", code], env=_launch_env(0, 29500), stdout=subprocess.PIPE, text=True)
+    try:
+        assert rank0.stdout.readline().strip() == "held"
+        assert (tmp_path / LOCK_NAME).read_text() == f"{rank0.pid}\ngroup none@127.0.0.1:29500\n"
+        assert _try_lock(tmp_path, _launch_env(1, 29500)).stdout.strip() == "joined"
+        other = _try_lock(tmp_path, _launch_env(1, 29501)).stdout.strip()
+        assert other.startswith("locked:") and f"pid {rank0.pid}" in other
+        plain = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+        assert f"pid {rank0.pid}" in _try_lock(tmp_path, plain).stdout
+    finally:
+        rank0.kill()
+        rank0.wait()
+
+
+def test_a_rank_waits_for_rank_0_and_gives_up_with_a_message(tmp_path):
+    res = _try_lock(tmp_path, _launch_env(1, 29502), timeout=0.5)
+    assert res.stdout.startswith("locked:") and "Traceback" not in res.stderr
+    # rank 0 arriving late: rank 1 waits for it
+    code = textwrap.dedent(f"""
+        import time
+        time.sleep(1.0)
+        from selfinterp.lock import lock_run
+        lock = lock_run({str(tmp_path)!r})
+        time.sleep(5)
+    """)
+    late = subprocess.Popen([sys.executable, "-c", code], env=_launch_env(0, 29503))
+    try:
+        assert _try_lock(tmp_path, _launch_env(1, 29503), timeout=30).stdout.strip() == "joined"
+    finally:
+        late.kill()
+        late.wait()

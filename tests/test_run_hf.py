@@ -77,3 +77,48 @@ def test_a_finished_run_is_not_redone(hf_run, tiny_model_dir):
     again = Run(cfg, root, progress=False).execute()
     assert {p.name: p.stat().st_mtime_ns for p in (root / "stages").glob("*.json")} == before
     assert again == results
+
+
+def test_estimate_before_and_timings_after(hf_run):
+    """The run writes its estimate before the first stage; the report shows it beside the actual
+    seconds; finished stages record the rates they achieved (here in the tests' own rates file)."""
+    import os
+
+    root, _ = hf_run
+    est = json.loads((root / "estimate.json").read_text())
+    assert est["stages"]["instill"]["seconds"] > 0 and est["stages"]["validate"]["device_gib"] > 0
+    html = (root / "report.html").read_text()
+    assert "estimated s" in html and "estimate.json" in html
+    rates = json.loads(open(os.environ["SELFINTERP_RATES"]).read())
+    mine = next(iter(rates.values()))
+    assert any(k.startswith(("score:", "train:", "step:")) for model in mine.values() for k in model)
+
+
+@pytest.mark.slow
+def test_two_ranks_share_one_run(tiny_model_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m selfinterp run`: rank 0 runs every stage and writes every
+    file; rank 1 joins the run's lock and each training stage, which then trains over both ranks."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    train = dict(method="lora", layers=1, cache_lower_layers=True, lr=1e-3, epochs=1, batch_size=8)
+    cfg = config.build("smoke", overrides=dict(
+        model=str(tiny_model_dir), model_label="tiny", n_instilled=4, n_native=2, n_train=8, n_val=2,
+        n_eval_trials=6, n_native_trials=6, eval_counterbalance=True, n_reports=2, n_introspection=2, batch_size=8,
+        instill=train, introspection={**train, "method": "full"}))
+    (tmp_path / "run.json").write_text(cfg.model_dump_json())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "selfinterp", "run", str(tmp_path / "run.json"), "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    root = tmp_path / "run"
+    assert json.loads((root / "analysis" / "results.json").read_text())["models"]["tiny"]
+    for model in ("instilled", "itrained_first", "itrained_last", "itrained_all"):
+        assert json.loads((root / "models" / model / "manifest.json").read_text())["world_size"] == 2, model
+    assert "rank 1: done" in proc.stderr and (root / "report.html").exists()

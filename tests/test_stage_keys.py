@@ -128,3 +128,13 @@ def test_soft_labels_go_into_the_training_set_only(tmp_path):
 def test_soft_labels_need_a_trainer_that_reads_them():
     with pytest.raises(ValueError, match="instill.labels 'soft' needs the hf trainer"):
         config.build(overrides={**API, "instill": {"labels": "soft"}})
+
+
+def test_training_dtype_auto_keys_as_float32():
+    """dtype 'auto' (the default since it was added) keys as the float32 it replaced, so runs made
+    before keep their training stages; another dtype is another key."""
+    auto = config.build("cpu")
+    assert auto.instill.dtype == "auto"
+    same = config.build("cpu", overrides={"instill": {"dtype": "float32"}})
+    other = config.build("cpu", overrides={"instill": {"dtype": "bfloat16"}})
+    assert auto.hash_fields("instill") == same.hash_fields("instill") != other.hash_fields("instill")

@@ -380,6 +380,9 @@ def run_cmd(
     model: Optional[str] = typer.Option(None, help="Override the model (registry name, directory or hub id)."),
     seed: Optional[int] = typer.Option(None, help="Override the seed."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages, model calls, training, time) and stop."),
+    device: Optional[str] = typer.Option(None, "--device", help="With --dry-run: estimate for this device "
+                                         "(cpu, cpu:<cores>, h100-80gb, a100-80gb, h200, l40s, a10g, l4, rtx4090; "
+                                         "default: this machine)."),
     force: bool = typer.Option(False, help="Continue past a failed instillation gate."),
 ) -> None:
     """Run the paper's whole protocol, resumably: a re-run finishes what is left, redoes what changed.
@@ -397,8 +400,10 @@ def run_cmd(
         fail(str(e))
     out = out or Path("runs") / cfg.name
     if dry_run:
-        print_plan(cfg, out)
+        print_plan(cfg, out, device)
         return
+    if device is not None:
+        fail("--device sets the device of a --dry-run estimate; a run uses the device it runs on")
     from .backends.openai_api import OpenAIAPIError
     from .backends.vllm import VLLMUnavailable
     from .journal import JournalBusy
@@ -410,8 +415,14 @@ def run_cmd(
 
     from rich.markup import escape
 
-    err.print(f"run [bold]{cfg.name}[/] ({cfg.backend}: {escape(cfg.model) if cfg.backend != 'simulated' else 'simulated'}) "
-              f"in {out.resolve()}")
+    from .lock import process_group
+
+    group = process_group()
+    if group is not None and group[1] != 0:  # a rank > 0 joins the training stages; rank 0 reports
+        err.print(f"rank {group[1]}: joining the training stages of run [bold]{cfg.name}[/] in {out.resolve()}")
+    else:
+        err.print(f"run [bold]{cfg.name}[/] ({cfg.backend}: {escape(cfg.model) if cfg.backend != 'simulated' else 'simulated'}) "
+                  f"in {out.resolve()}")
     try:
         results = Run(cfg, out, force=force, console=err).execute()
     except (GateFailed, ModelError, ScenarioError, OpenAIAPIError, VLLMUnavailable, RunLocked, LayoutError,
@@ -420,6 +431,9 @@ def run_cmd(
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted: finished work is kept in {out}; run the same command again to resume[/]")
         raise typer.Exit(130)
+    if group is not None and group[1] != 0:
+        err.print(f"rank {group[1]}: done (rank 0 writes the results)")
+        return
     print_results(results)
     if cfg.backend == "openai" or cfg.trainer_name == "openai":
         print_spent(cfg, out)
@@ -441,25 +455,58 @@ def print_spent(cfg, out: Path) -> None:
     console.print(t)
 
 
-def print_plan(cfg, out: Path) -> None:
-    from .run import plan
+def print_plan(cfg, out: Path, device: Optional[str] = None) -> None:
+    from . import estimate as est
+    from .run import estimate_run
 
-    rows = plan(cfg)
+    try:
+        dev = est.parse_device(device) if device else None
+    except ValueError as e:
+        fail(str(e))
     if cfg.backend == "openai":
-        return print_api_plan(cfg, out, rows)
-    t = Table(title=f"plan for {cfg.name} ({cfg.backend}: {cfg.model if cfg.backend != 'simulated' else 'simulated'}) -> {out}")
-    for col, just in (("stage", "left"), ("model calls", "right"), ("kind", "left"), ("training examples", "right"),
-                      ("epochs", "right"), ("est. time", "right")):
+        from .run import plan
+
+        return print_api_plan(cfg, out, plan(cfg))
+    rows, e = estimate_run(cfg, dev, calibrate=device is None or device.strip().lower() == "cpu")
+    where = f" on {e.device.name}" if e is not None else ""
+    console.print(f"plan for {cfg.name} ({cfg.backend}: {cfg.model if cfg.backend != 'simulated' else 'simulated'})"
+                  f"{where} -> {out}", soft_wrap=True, highlight=False, markup=False)
+    t = Table()
+    cols = [("stage", "left"), ("model calls", "right"), ("kind", "left"), ("training examples", "right"),
+            ("epochs", "right")] + ([("est. time", "right"), ("peak GiB", "right")] if e is not None else [])
+    for col, just in cols:
         t.add_column(col, justify=just)
     for r in rows:
-        t.add_row(r["stage"], str(r["model_calls"] or ""), r["call_kind"], str(r["training_examples"] or ""),
-                  str(r["epochs"] or ""), f"{r['est_seconds'] / 60:.1f} min" if r["est_seconds"] else "")
-    total = sum(r["est_seconds"] for r in rows)
-    t.add_row("[bold]total[/]", str(sum(r["model_calls"] for r in rows)), "",
-              str(sum(r["training_examples"] for r in rows)), "", f"[bold]{total / 60:.1f} min[/]")
+        cells = [r["stage"], str(r["model_calls"] or ""), r["call_kind"], str(r["training_examples"] or ""),
+                 str(r["epochs"] or "")]
+        if e is not None:
+            cells += [_minutes(r["est_seconds"]) if r["est_seconds"] else "",
+                      f"{r['est_gib']:.1f}" if r["est_gib"] else ""]
+        t.add_row(*cells)
+    total = [str(sum(r["model_calls"] for r in rows)), "", str(sum(r["training_examples"] for r in rows)), ""]
+    if e is not None:
+        total += [f"[bold]{_minutes(e.seconds)}[/]", f"[bold]{e.peak_gib:.1f}[/]"]
+    t.add_row("[bold]total[/]", *total)
     console.print(t)
-    if cfg.backend == "hf":
-        console.print("Times are rough estimates for a 2-core CPU and SmolLM2-135M; a GPU is far faster.")
+    if e is None:
+        return
+    console.print("Estimate rests on:", highlight=False)
+    for line in e.basis:
+        console.print(f"  - {line}", highlight=False, markup=False)
+    if e.device.kind == "cuda" and any(r["est_gib"] for r in rows):
+        console.print("  - the lower-layer cache, where used, lives in host memory (not counted as GPU memory)",
+                      highlight=False)
+    if e.fits:
+        mem = "RAM" if e.device.kind == "cpu" else "GPU memory"
+        console.print(f"Fits: peak ~{e.peak_gib:.1f} GiB of {e.device.memory_gib:.0f} GiB {mem}.", highlight=False)
+    else:
+        console.print("[red]Does not fit:[/]")
+        for p in e.problems:
+            console.print(f"  - {p}", highlight=False, markup=False)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 5940 else f"{seconds / 3600:.1f} h"
 
 
 def print_api_plan(cfg, out: Path, rows: list) -> None:
@@ -566,5 +613,28 @@ except ImportError:  # pragma: no cover - the models module is part of the packa
     pass
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main(argv: Optional[list[str]] = None) -> None:
+    """The `selfinterp` command: the typer app, with click's usage errors (a flag's value that
+    does not parse, an unknown option) as one `error:` line instead of click's boxed form."""
+    import sys
+
+    # click's UsageError, wherever this typer keeps click (typer >= 0.2x vendors its own copy)
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="selfinterp", standalone_mode=False)
+    except usage_error as e:
+        where = e.ctx.command_path if e.ctx is not None else "selfinterp"
+        err.print(f"[bold red]error:[/] {escape_markup(where)}: {escape_markup(e.format_message())} "
+                  f"(see {escape_markup(where)} --help)", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        err.print("aborted", highlight=False)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def escape_markup(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

@@ -46,9 +46,10 @@ class TrainSettings(Strict):
     share_prefix: bool = Field(True, description="with the cache: run each scenario's shared prompt prefix "
                                "through the frozen layers once (exact)")
     autocast: Optional[Literal["bfloat16", "float16"]] = "bfloat16"
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="the weights' dtype in training (float32 + bf16 autocast: fastest on a CPU; "
-        "bfloat16 halves a large model's memory on a GPU)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the frozen weights' dtype in training; auto: bfloat16 on a GPU that has it (half "
+        "the memory; trained layers and LoRA adapters stay float32), float32 elsewhere (with bf16 autocast, "
+        "the fastest on a CPU)")
     gradient_checkpointing: Optional[bool] = Field(
         None, description="recompute activations in the backward pass (less memory); None: on for models "
         "over 1B parameters on a GPU")
@@ -304,6 +305,9 @@ class RunConfig(Strict):
                 value.pop(k, None)
         if "instill.labels" in names and self.instill.labels != "hard":  # hard labels keep older design keys
             out["instill.labels"] = {k: getattr(self.instill, k) for k in InstillSettings.DATA}
+        for n, value in out.items():  # "auto" keys as float32, the dtype it meant before it existed
+            if isinstance(value, dict) and value.get("dtype") == "auto" and n in ("instill", "introspection"):
+                value["dtype"] = "float32"
         if out.get("trainer", 0) is None:
             out.pop("trainer")  # runs that predate the field keep their stage keys
         return out

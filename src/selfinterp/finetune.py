@@ -100,7 +100,10 @@ class FinetuneConfig:
     # With the cache: run each group's shared prompt prefix through the frozen layers once, then
     # only each prompt's suffix (exact; about half of a decision prompt is shared). Stored once.
     share_prefix: bool = True
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights (fp32 + autocast was fastest on CPU)
+    # The frozen weights' dtype. "auto": bfloat16 on a GPU that has it (half the memory; trained
+    # layers and LoRA adapters are kept in float32 all the same), float32 elsewhere (with bf16
+    # autocast, the fastest on a CPU).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Recompute each trained layer's activations in the backward pass instead of storing them
     # (less memory, ~30% more compute). None: on for models over 1B parameters on a GPU.
     gradient_checkpointing: bool | None = None
@@ -279,21 +282,25 @@ def data_sha256(examples: Sequence[dict[str, Any]]) -> str:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_base(base_model: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
-    """(model, tokenizer) from an HF directory / hub id, or a ``.gguf`` file (de-quantised)."""
+def load_base(base_model: str | Path, dtype: str = "float32", device: torch.device | str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from an HF directory / hub id, or a ``.gguf`` file (de-quantised).
+    ``device``: load the weights straight onto it (a GPU), not through host memory first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if dtype == "auto":
+        dtype = resolve_dtype(dtype, torch.device(device or "cpu"))
+    placement = {"device_map": {"": str(device)}} if device is not None else {}
     spec = str(base_model)
     if spec.endswith(".gguf"):
         p = Path(spec)
         tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=_DTYPES[dtype], **placement)
         model.hf_quantizer = None  # weights are already floats; lets save_pretrained/peft work
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     else:
         tok = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=_DTYPES[dtype], **placement)
     return model, tok
 
 
@@ -321,9 +328,14 @@ def _prepare_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Mod
         model = get_peft_model(model, lora)
     else:
         backbone = dec.backbone(model)
+        wide = config.dtype != "float32" and config.autocast is not None  # autocast computes in bf16 anyway
         for layer in backbone.layers[first:]:
             layer.requires_grad_(True)
+            if wide:  # float32 master weights for the trained layers; AdamW on bf16 weights loses updates
+                layer.float()
         backbone.norm.requires_grad_(True)  # the final norm sits above every trained layer
+        if wide:
+            backbone.norm.float()
     return model, first
 
 
@@ -472,6 +484,23 @@ def _soft_targets(examples: Sequence[TokenizedExample], device: torch.device) ->
         for j, (t, q) in enumerate(e.soft):
             ids[i, j], p[i, j] = t, q
     return ids.to(device), p.to(device)
+
+
+def _bf16_ok(device: torch.device) -> bool:
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """The weights' dtype that "auto" means on ``device``."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.type == "cuda" and _bf16_ok(device) else "float32"
+
+
+def resolve_autocast(autocast: str | None, device: torch.device) -> str | None:
+    """bfloat16 autocast on a GPU without bfloat16 (V100, T4) computes in the weights' dtype
+    instead of failing (float16 would need loss scaling)."""
+    return None if autocast == "bfloat16" and not _bf16_ok(device) else autocast
 
 
 def _autocast(config: FinetuneConfig, device: torch.device):
@@ -696,6 +725,10 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
                               project_dir=str(out_dir / "trackers") if config.log_with else None)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
+    # What "auto" and bf16 autocast mean on this device, settled first: the manifest, and what a
+    # checkpoint must match to be resumed, hold the dtypes really used.
+    config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device),
+                                 autocast=resolve_autocast(config.autocast, device))
 
     train_rows, val_rows = read_examples(train), read_examples(val) if val is not None else []
     data_info = {"train": {"n": len(train_rows), "sha256": data_sha256(train_rows)},
@@ -731,7 +764,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
 
     # ---- model and data
     torch.manual_seed(config.seed)  # same LoRA initialisation in every process
-    model, tok = load_base(base_model, config.dtype)
+    model, tok = load_base(base_model, config.dtype, device if device.type == "cuda" else None)
     model.to(device)
     system_role = chat_template.supports_system(tok)
     train_ex = [tokenize_row(tok, r, config.max_length, system_role, config.loss_on) for r in train_rows]

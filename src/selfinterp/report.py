@@ -152,9 +152,14 @@ def write_report(run) -> Path:
     parts.append(_table(["stage", "steps", "first loss", "final loss", "val loss", "seconds", "model"], trow))
 
     parts.append("<h2>Stages and timings</h2>")
-    srow = [[_e(n), _fmt((st or {}).get("seconds"), ".1f"), _e((st or {}).get("finished", "")),
-             _e(((st or {}).get("key") or "")[:12])] for n, st in states.items() if n != "report"]
-    parts.append(_table(["stage", "seconds", "finished", "input key"], srow))
+    estimated = _estimates(run)
+    srow = [[_e(n), _fmt(estimated.get(n), ".1f") if n in estimated else "", _fmt((st or {}).get("seconds"), ".1f"),
+             _e((st or {}).get("finished", "")), _e(((st or {}).get("key") or "")[:12])]
+            for n, st in states.items() if n != "report"]
+    parts.append(_table(["stage", "estimated s", "seconds", "finished", "input key"], srow))
+    if estimated:
+        parts.append(f"<p>Estimated before the run (<code>estimate.json</code>, the plan of <code>selfinterp run "
+                     f"--dry-run</code>) on {_e(_estimate_device(run))}.</p>")
 
     parts.append("<h2>Provenance</h2>")
     prov = {"config": json.loads(cfg.model_dump_json()), "python": platform.python_version(),
@@ -173,6 +178,21 @@ def write_report(run) -> Path:
     path = root / "report.html"
     atomic_write_text(path, page)
     return path
+
+
+def _estimates(run) -> dict[str, float]:
+    try:
+        data = json.loads(run.path("estimate.json").read_text())
+        return {k: float(v["seconds"]) for k, v in data["stages"].items() if v.get("seconds")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _estimate_device(run) -> str:
+    try:
+        return str(json.loads(run.path("estimate.json").read_text())["device"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "this machine"
 
 
 def _loss_plot(run, states: dict) -> Path | None:

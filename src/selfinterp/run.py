@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ class Run:
         self.label = config.label
         self._design: dict[str, Any] | None = None
         self.current: str = ""  # the stage being run (for journals and models)
+        self._device = None  # where this run computes (selfinterp.estimate.Device), for its estimates
+        self.is_follower = False  # a rank > 0 of a multi-process launch (see _follow)
         self._outputs: list[Path] = []
 
     # -- bookkeeping
@@ -147,8 +150,37 @@ class Run:
         raises :class:`~selfinterp.lock.RunLocked` instead of interleaving its writes."""
         from .lock import lock_run
 
-        with lock_run(self.root, note=lambda m: self.console.print(f"[yellow]{m}[/]")):
+        with lock_run(self.root, note=lambda m: self.console.print(f"[yellow]{m}[/]")) as lock:
+            if lock.joined:
+                return self._follow(lock)
             return self._execute()
+
+    # Stages that train on the local trainer: under a multi-process launch every rank takes part.
+    TRAINING = ("instill", "itrain_first", "itrain_last", "itrain_all")
+
+    def _follow(self, lock) -> dict:
+        """A rank > 0 of a multi-process launch (torchrun, accelerate launch): rank 0 runs the
+        stages and writes every file; this process joins each training stage in turn (fine-tuning
+        then runs data-parallel over all ranks) once rank 0 has finished the stages before it,
+        and returns when the stages it can join are over. Nothing is written here."""
+        from .lock import pid_alive
+
+        self.is_follower = True
+        local = os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost", "::1")  # rank 0's pid is ours to see
+        trains = [s for s in self.stages() if s.name in self.TRAINING] if self.cfg.trainer_name == "hf" else []
+        for stage in trains:
+            before = self.stages()[: self.stages().index(stage)]
+            while not all(self.is_done(b) for b in before):  # rank 0 is still at an earlier stage
+                holder = _lock_holder(lock.path)
+                if local and holder is not None and not pid_alive(holder):
+                    raise RuntimeError(f"rank 0 of this launch (pid {holder}) stopped before {stage.name}")
+                time.sleep(1.0)
+            if self.is_done(stage):
+                continue
+            self.current = stage.name
+            self._outputs = []
+            stage.fn(self)
+        return {}
 
     def _execute(self) -> dict:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -168,6 +200,7 @@ class Run:
         if not self.is_done(self.stages()[0]):
             _choose_scenarios(self.cfg)  # enough scenarios for the design (ScenarioError), before anything is written
         atomic_write_json(self.path("config.json"), json.loads(self.cfg.model_dump_json()))
+        estimates = self._estimate()
         for stage in self.stages():
             if self.is_done(stage):
                 self.console.print(f"[dim]- {stage.name}: done[/]")
@@ -183,7 +216,52 @@ class Run:
                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary}
             atomic_write_json(self._state_file(stage.name), state)
             self.console.print(f"  {stage.name} finished in {state['seconds']:.1f} s")
+            self._record_rates(estimates.get(stage.name), state)
         return json.loads(self.path("analysis", "results.json").read_text())
+
+    # -- estimates: written before the first stage (estimate.json, for the report's estimated vs
+    # actual), improved by every finished stage of an hf run (the rates it achieved, kept in the
+    # cache for the next estimate on this machine)
+
+    def _estimate(self) -> dict[str, tuple]:
+        if self.cfg.backend not in ("hf", "vllm"):
+            return {}
+        from . import estimate as est
+
+        try:
+            self._device = est.calibrate(est.local_device())
+            rows, e = estimate_run(self.cfg, self._device)
+        except Exception:  # noqa: BLE001 - an estimate is never a reason for a run to fail (the design
+            return {}      # stage reports bad scenarios itself)
+        if not self.path("estimate.json").exists():
+            atomic_write_json(self.path("estimate.json"), e.to_dict())
+        from rich.markup import escape
+
+        for problem in e.problems:  # an estimate, so a warning: the run may still fit
+            self.console.print(f"[yellow]estimate: {escape(problem)} (selfinterp run --dry-run shows the plan)[/]",
+                               highlight=False)
+        return {r["stage"]: (r["work"], s) for r, s in zip(rows, e.stages)}
+
+    def _record_rates(self, planned: tuple | None, state: dict) -> None:
+        if planned is None or self.cfg.backend != "hf":
+            return
+        try:
+            self._record(planned, state)
+        except Exception:  # noqa: BLE001 - recording a rate is a convenience, never a failure
+            pass
+
+    def _record(self, planned: tuple, state: dict) -> None:
+        from . import estimate as est
+
+        work, stage_est = planned
+        summary = state.get("summary") or {}
+        seconds = summary.get("train_seconds") or state["seconds"]
+        dtype = work.autocast or work.dtype if work.kind == "train" else work.dtype
+        recorded = est.read_recorded()
+        score = est.rate_for("score", self._device, self.cfg.model, work.dtype, recorded).flops
+        rates = est.achieved_rates(stage_est, work, seconds, summary.get("cache_seconds"), score)
+        for kind, rate in rates.items():
+            est.record_rate(self._device, self.cfg.model, kind, dtype, rate, f"{self.root.name}/{state['stage']}")
 
     # -- the design, shared by every stage
 
@@ -253,7 +331,12 @@ class Run:
         from . import finetune as ft
         from . import models
 
-        base_path = str(models.resolve(self.cfg.model)) if base == "base" else str(materialise(self.model_dir(base)))
+        if base == "base":
+            base_path = str(models.resolve(self.cfg.model))
+        elif self.is_follower:  # rank 0 writes the merged model; the other ranks wait for it
+            base_path = str(_wait_for_merged(self.model_dir(base)))
+        else:
+            base_path = str(materialise(self.model_dir(base)))
         fields = settings.model_dump(exclude=set(getattr(settings, "DATA", ())))  # the trainer's own settings
         if fields["batching"] == "auto":  # counterbalanced decisions come as adjacent A/B-swapped pairs
             fields["batching"] = "pairs" if self.cfg.counterbalance and data.startswith("instill") else "shuffle"
@@ -265,7 +348,8 @@ class Run:
         losses = [s["loss"] for s in m.get("step_losses", [])]
         return {"model": str(out.relative_to(self.root)), "steps": m.get("steps"),
                 "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-                "val_loss": m.get("val_loss"), "train_seconds": m.get("wall_seconds")} | self._register_model(out)
+                "val_loss": m.get("val_loss"), "train_seconds": m.get("wall_seconds"),
+                "cache_seconds": m.get("cache_seconds")} | self._register_model(out)
 
     def openai_backend(self, which: str, for_training: bool = False):
         """The model ``which`` on the OpenAI(-compatible) server: the base model, a job's fine-tuned
@@ -426,6 +510,23 @@ def call_seed(*identity: Any) -> int:
     stable hash, in [0, 2**31) so that every backend and API takes it."""
     digest = hashlib.sha256("\0".join(map(str, identity)).encode()).digest()
     return int.from_bytes(digest[:8], "little") % (1 << 31)
+
+
+def _lock_holder(path: Path) -> int | None:
+    try:
+        return int(path.read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _wait_for_merged(finetuned: Path, timeout: float = 3600.0) -> Path:
+    out = finetuned / "merged"
+    deadline = time.monotonic() + timeout
+    while not ((out / "config.json").exists() and (out / ".complete").exists()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{out}: rank 0 did not write the merged model within {timeout:.0f} s")
+        time.sleep(1.0)
+    return out
 
 
 def materialise(finetuned: Path) -> Path:
@@ -664,13 +765,32 @@ STAGES: list[Stage] = [
 # The plan (--dry-run)
 
 
-# Rough costs on a 2-core CPU with SmolLM2-135M (shared/notes/cpu-models.md), per unit.
-_CPU_SECONDS = {"choice": 0.3, "report_free": 3.0, "report_constrained": 1.5, "example_epoch_cached": 0.15,
-                "example_epoch": 0.7, "cache": 0.1, "model_load": 3.0}
+CHARS_PER_TOKEN = 3.2  # SmolLM2's and Qwen2.5's tokenizers on the paper's prompts (one token per digit)
 
 
-def plan(cfg: RunConfig) -> list[dict[str, Any]]:
-    """Stages with their model calls and training examples, and a rough time estimate."""
+def _tokens(chat: Sequence[dict]) -> float:
+    return 3 + sum(5 + len(m["content"]) / CHARS_PER_TOKEN for m in chat)
+
+
+def prompt_sizes(cfg: RunConfig) -> dict[str, float]:
+    """Mean tokens of the run's decision prompt, introspection prompt and report answer, from the
+    run's own scenarios (up to 10 of them), about 3.2 characters a token."""
+    instilled, native = _choose_scenarios(cfg)
+    dec, intro, ans = [], [], []
+    for s in (instilled + native)[:10]:
+        p = design.sample_pairs(s, 1, cfg.seed, "estimate")[0]
+        dec.append(_tokens(prompts.decision_chat(s, p.a, p.b)))
+        intro.append(_tokens(prompts.introspection_chat(s, p.a, p.b)))
+        ans.append(len(prompts.report_json(s, design.draw_weights(s, cfg.seed))) / CHARS_PER_TOKEN + 2)
+    return {"decision": float(np.mean(dec)), "introspection": float(np.mean(intro)), "answer": float(np.mean(ans))}
+
+
+def plan(cfg: RunConfig, device: Any = None) -> list[dict[str, Any]]:
+    """Stages with their model calls and training examples. Each row: stage, model_calls,
+    call_kind, training_examples, epochs and, for a local model (hf, vllm), ``work``: what the
+    estimator (``selfinterp.estimate``) needs, sized for ``device`` (this machine by default)."""
+    from . import estimate as est
+
     n_i, n_n = cfg.n_instilled, cfg.n_native
     half = (n_i + 1) // 2
     cb = 2 if cfg.counterbalance else 1
@@ -693,18 +813,55 @@ def plan(cfg: RunConfig) -> list[dict[str, Any]]:
         ("report", 0, 0, None),
     ]
     native = {s.name for s in STAGES if s.native}
+    local = cfg.backend in ("hf", "vllm")
+    sizes = prompt_sizes(cfg) if local else {}
+    device = device or (est.cpu_device() if local else None)
+    gpu = device is not None and device.kind == "cuda"
+    infer_dtype = ("bfloat16" if gpu else "float32") if cfg.backend == "hf" else (
+        cfg.vllm.dtype if cfg.vllm.dtype != "auto" else ("bfloat16" if gpu else "float32"))
     out = []
     for name, calls, examples, train in rows:
         if n_n == 0 and name in native:
             continue
         kind = "choice" if name in ("validate", "native_choices") else "report_" + cfg.report_mode if calls else None
-        seconds = 0.0
-        if cfg.backend == "hf":
-            if calls:
-                seconds += calls * _CPU_SECONDS[kind] + _CPU_SECONDS["model_load"]
-            if train is not None:
-                per = "example_epoch_cached" if train.cache_lower_layers else "example_epoch"
-                seconds += examples * (train.epochs * _CPU_SECONDS[per] + (_CPU_SECONDS["cache"] if train.cache_lower_layers else 0))
+        work = est.Work(name, "none")
+        if local and calls:
+            if kind == "choice":
+                work = est.Work(name, "score", calls, sizes["decision"], batch_size=cfg.batch_size, dtype=infer_dtype)
+            else:
+                work = est.Work(name, "generate", calls, sizes["introspection"],
+                                new_tokens=min(sizes["answer"], cfg.report_max_new_tokens), batch_size=cfg.batch_size,
+                                dtype=infer_dtype)
+        elif local and train is not None:
+            tokens = sizes["decision"] + 2 if name == "instill" else sizes["introspection"] + sizes["answer"]
+            big = (est.find_shape(cfg.model) or est.KNOWN_SHAPES["smollm2-135m"]).params > 1e9
+            ckpt = train.gradient_checkpointing if train.gradient_checkpointing is not None else (gpu and big)
+            work = est.Work(name, "train", examples, tokens, epochs=train.epochs, method=train.method,
+                            layers=train.layers, lora_rank=train.lora_rank, cached=train.cache_lower_layers,
+                            batch_size=max(1, train.batch_size // train.grad_accum), checkpointing=ckpt,
+                            dtype=train.dtype if train.dtype != "auto" else ("bfloat16" if gpu else "float32"),
+                            autocast=train.autocast, cache_dtype=train.cache_dtype)
         out.append({"stage": name, "model_calls": calls, "call_kind": kind or "", "training_examples": examples,
-                    "epochs": train.epochs if train is not None else 0, "est_seconds": seconds})
+                    "epochs": train.epochs if train is not None else 0, "est_seconds": 0.0, "est_gib": 0.0,
+                    "work": work})
     return out
+
+
+def estimate_run(cfg: RunConfig, device: Any = None, recorded: dict | None = None,
+                 calibrate: bool = False) -> tuple[list[dict[str, Any]], Any]:
+    """``plan``'s rows with ``est_seconds`` and ``est_gib`` filled in, and the Estimate (None when
+    the run has no local model: the API's plan prices tokens instead). ``device``: this machine's
+    by default; ``calibrate``: measure a CPU's matmul rate first (about a second)."""
+    from . import estimate as est
+
+    if cfg.backend not in ("hf", "vllm"):
+        return plan(cfg, device), None
+    device = device or est.local_device()
+    if calibrate:
+        device = est.calibrate(device)
+    rows = plan(cfg, device)
+    e = est.estimate([r["work"] for r in rows], device, cfg.model,
+                     recorded=est.read_recorded() if recorded is None else recorded)
+    for row, s in zip(rows, e.stages):
+        row["est_seconds"], row["est_gib"] = s.seconds, s.device_gib
+    return rows, e
