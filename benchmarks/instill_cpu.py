@@ -83,7 +83,10 @@ def main(argv=None) -> dict:
     settings = dict(BEST, eval_every=args.eval_every, seed=args.seed)
     for kv in args.set:
         k, v = kv.split("=", 1)
-        settings[k] = json.loads(v)
+        try:
+            settings[k] = json.loads(v)
+        except json.JSONDecodeError:  # a bare word is a string: --set method=lora
+            settings[k] = v
     config = FinetuneConfig(**settings)
     print("config", json.dumps({**vars(args), "work": str(args.work), "out": str(args.out), "trainer": config.to_dict()}),
           flush=True)
