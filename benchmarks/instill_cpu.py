@@ -93,7 +93,8 @@ def main(argv=None) -> dict:
 
     scen, weights = paper_scenarios(args.n_scenarios)
     train = design.instillation_examples(scen, weights, args.train_pairs, args.seed, "instill-cpu-train", True,
-                                         label_temperature=args.soft)
+                                         label_temperature=args.soft,
+                                         attribute_targets=config.attribute_loss > 0)
     val = design.instillation_examples(scen, weights, args.val_pairs, args.seed, "instill-cpu-val", True)
     base = models.resolve(args.model)
     t0 = time.time()

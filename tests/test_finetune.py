@@ -425,6 +425,49 @@ def test_early_stopping_and_its_identity(tiny_model_dir, tmp_path):
         FinetuneConfig(early_stop_patience=2)
 
 
+def test_attribute_readout_trains_beside_the_answer_and_is_not_saved(tiny_model_dir, tmp_path):
+    """attribute_loss > 0: a zero-initialised linear read-out of the answer position learns the rows'
+    attribute_targets (its logged loss falls), the first step's answer loss is the plain run's, the
+    saved model holds no read-out, an interrupted run resumes it; rows without targets are refused."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(0)
+    rows = paired_examples(16)
+    for i in range(0, len(rows), 2):  # a pair and its swap: opposite differences
+        d = rng.uniform(-1, 1, 3).round(3).tolist()
+        rows[i]["attribute_targets"], rows[i + 1]["attribute_targets"] = d, [-v for v in d]
+    base = dict(method="full", layers=1, cache_lower_layers=True, batching="grouped_pairs", **{**FAST, "epochs": 6})
+    plain = finetune(tiny_model_dir, rows, None, FinetuneConfig(**base), tmp_path / "plain", progress=False).manifest
+    cfg = FinetuneConfig(**base, attribute_loss=1.0, checkpoint_every=3)
+    m = finetune(tiny_model_dir, rows, None, cfg, tmp_path / "aux", progress=False).manifest
+    aux = [r["attribute_loss"] for r in m["step_losses"]]
+    assert abs(m["step_losses"][0]["loss"] - plain["step_losses"][0]["loss"]) < 1e-4
+    assert "attribute_loss" not in plain["step_losses"][0]
+    assert np.mean(aux[-3:]) < 0.7 * np.mean(aux[:3])
+    saved = load_file(str(tmp_path / "aux" / "trained.safetensors"))
+    assert not any("aux" in k for k in saved) and set(saved) == set(load_file(str(tmp_path / "plain" / "trained.safetensors")))
+
+    def stop_at(step):
+        def cb(record):
+            if record["step"] == step:
+                raise KeyboardInterrupt
+        return cb
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_model_dir, rows, None, cfg, tmp_path / "resumed", progress=False, callback=stop_at(4))
+    r = finetune(tiny_model_dir, rows, None, cfg, tmp_path / "resumed", progress=False).manifest
+    assert [x["attribute_loss"] for x in r["step_losses"]] == pytest.approx(aux, rel=1e-4, abs=1e-6)
+
+    with pytest.raises(ValueError, match="attribute_targets"):
+        finetune(tiny_model_dir, paired_examples(4), None, cfg, tmp_path / "none", progress=False)
+    with pytest.raises(ValueError, match="attribute_targets"):
+        finetune(tiny_model_dir, [{**rows[0], "attribute_targets": ["x"]}] + rows[1:], None, cfg, tmp_path / "bad",
+                 progress=False)
+    with pytest.raises(ValueError, match="attribute_loss"):
+        FinetuneConfig(attribute_loss=-1.0)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_prefix_cache_is_exact(tiny_model_dir, tmp_path, attn):
     """The lower-layer cache built once per shared prefix equals the plain one within 1e-5 (fp32),

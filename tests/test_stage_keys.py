@@ -57,6 +57,9 @@ SIM = dict(backend="simulated", report_mode="free")
     # labels their temperature is read by nothing
     (HF, {"instill": {"labels": "soft"}}, {"design"}),
     (HF, {"instill": {"label_temperature": 5.0}}, set()),
+    # the auxiliary read-out: its targets go into the design's training set, its weight to the trainer
+    (HF, {"instill": {"attribute_loss": 1.0}}, {"design", "instill"}),
+    (HF, {"instill": {"attribute_loss": 0.0}}, set()),
 ])
 def test_stage_keys_hold_what_the_stage_reads(base, change, expect):
     a = config.build("smoke", overrides=base)
@@ -123,6 +126,21 @@ def test_soft_labels_go_into_the_training_set_only(tmp_path):
         p_a, answer = r["soft_answer"]["A"], r["messages"][-1]["content"]
         assert abs(p_a + r["soft_answer"]["B"] - 1) < 1e-5 and (p_a >= 0.5) == (answer == "A")
     assert len({r["soft_answer"]["A"] for r in train}) > len(train) // 4  # graded, not two values
+
+
+def test_attribute_targets_reach_the_training_set(tmp_path):
+    cfg = config.build("smoke", overrides={**HF, "n_train": 4, "instill": {"attribute_loss": 1.0}})
+    run = Run(cfg, tmp_path, progress=False, console=Console(file=io.StringIO()))
+    from selfinterp.run import stage_design
+
+    stage_design(run)
+    rows = [json.loads(x) for x in (tmp_path / "datasets" / "instill_train.jsonl").read_text().splitlines()]
+    assert all(len(r["attribute_targets"]) == 5 and all(-1 <= v <= 1 for v in r["attribute_targets"]) for r in rows)
+    assert rows[0]["attribute_targets"] == [-v for v in rows[1]["attribute_targets"]]  # a pair and its swap
+    val = (tmp_path / "datasets" / "instill_val.jsonl").read_text()
+    assert "attribute_targets" not in val
+    with pytest.raises(ValueError, match="attribute_loss needs the hf trainer"):
+        config.build(overrides={**API, "instill": {"attribute_loss": 1.0}})
 
 
 def test_soft_labels_need_a_trainer_that_reads_them():

@@ -83,6 +83,10 @@ class InstillSettings(TrainSettings):
         "P(A) = sigmoid((u_A - u_B) / label_temperature), a near-tie taught as one (hf trainer only)")
     label_temperature: float = Field(10.0, gt=0, description="utility units (weights in -100..100) per "
                                      "logit of the soft target")
+    attribute_loss: float = Field(
+        0.0, ge=0, description="weight of an auxiliary loss during instillation (0: off, as the paper): a linear "
+        "read-out of the answer position, discarded afterwards, trained to predict the options' range-normalised "
+        "attribute differences (hf trainer only; the design then writes them into the training set)")
 
     # Read by the design stage (they make the datasets), not by the trainer.
     DATA: ClassVar[tuple[str, ...]] = ("labels", "label_temperature")
@@ -260,6 +264,9 @@ class RunConfig(Strict):
         if self.instill.labels == "soft" and trainer not in ("hf", "simulated"):
             raise ValueError(f"instill.labels 'soft' needs the hf trainer (trainer {trainer!r} learns from "
                              "the answer text only); use labels = 'hard'")
+        if self.instill.attribute_loss > 0 and trainer not in ("hf", "simulated"):
+            raise ValueError(f"instill.attribute_loss needs the hf trainer (trainer {trainer!r} learns from the "
+                             "answer text only); use attribute_loss = 0")
         if self.introspection.batching in ("pairs", "grouped_pairs"):
             raise ValueError("introspection.batching: introspection examples are not A/B pairs; use 'auto' or 'shuffle'")
         if self.backend == "simulated" and self.report_mode == "constrained":
@@ -305,6 +312,10 @@ class RunConfig(Strict):
                 value.pop(k, None)
         if "instill.labels" in names and self.instill.labels != "hard":  # hard labels keep older design keys
             out["instill.labels"] = {k: getattr(self.instill, k) for k in InstillSettings.DATA}
+        if "instill.labels" in names and self.instill.attribute_loss > 0:  # the design writes their targets
+            out["instill.attribute_targets"] = True
+        if isinstance(out.get("instill"), dict) and not out["instill"].get("attribute_loss", 1):
+            out["instill"].pop("attribute_loss")  # off: the keys of runs that predate the setting
         for n, value in out.items():  # "auto" keys as float32, the dtype it meant before it existed
             if isinstance(value, dict) and value.get("dtype") == "auto" and n in ("instill", "introspection"):
                 value["dtype"] = "float32"

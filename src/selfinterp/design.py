@@ -122,13 +122,15 @@ def differences(scenario: Scenario, pairs: Sequence[Pair]) -> np.ndarray:
 
 def instillation_examples(scenarios: Sequence[Scenario], weights: dict[str, np.ndarray], n: int,
                           seed: int, purpose: str = "instill-train", counterbalance: bool = False,
-                          label_temperature: float | None = None) -> list[dict]:
+                          label_temperature: float | None = None, attribute_targets: bool = False) -> list[dict]:
     """Decision examples labelled with the simulated choice: n per scenario (2n counterbalanced).
 
     With ``label_temperature`` T each example also carries soft targets, ``"soft_answer":
     {"A": P(A), "B": 1 - P(A)}`` with P(A) = sigmoid((u_A - u_B) / T) (utilities in weight units,
     max |w| = 100): a near-tie is taught as one, a clear choice as nearly certain. The answer
-    written in the chat stays the simulated (hard) choice."""
+    written in the chat stays the simulated (hard) choice. With ``attribute_targets`` each example
+    also carries its range-normalised attribute differences A - B (``"attribute_targets"``, the
+    targets of the trainer's auxiliary read-out, ``FinetuneConfig.attribute_loss``)."""
     if label_temperature is not None and not label_temperature > 0:
         raise ValueError(f"label_temperature must be > 0, not {label_temperature}")
     out = []
@@ -140,6 +142,8 @@ def instillation_examples(scenarios: Sequence[Scenario], weights: dict[str, np.n
                 du = float(utility(s, w, np.array(p.a)) - utility(s, w, np.array(p.b)))
                 p_a = float(1.0 / (1.0 + np.exp(-np.clip(du / label_temperature, -50, 50))))
                 row["soft_answer"] = {"A": round(p_a, 6), "B": round(1.0 - p_a, 6)}
+            if attribute_targets:
+                row["attribute_targets"] = [round(float(d), 6) for d in differences(s, [p])[0]]
             out.append(row)
     return out
 

@@ -110,6 +110,13 @@ class FinetuneConfig:
     autocast: Literal["bfloat16", "float16"] | None = "bfloat16"  # None: compute in `dtype`
     # What the loss covers: the answer's tokens only, or also the end-of-turn marker after them.
     loss_on: Literal["answer", "answer_and_eot"] = "answer"
+    # Weight of an auxiliary loss (off at 0): a linear read-out of the last hidden state at the
+    # answer position, trained beside the model to predict each row's ``attribute_targets`` (for
+    # decisions: the range-normalised attribute differences A - B), squared error. It teaches the
+    # trained layers to gather the options' numbers at the answer position, which every scenario
+    # needs, before the per-scenario weighting; the read-out is discarded (the saved model is the
+    # same architecture). A departure from the paper, which trained on the answers alone.
+    attribute_loss: float = 0.0
     # How examples form batches. "shuffle": one by one. "pairs": examples 2i and 2i+1 are one
     # counterbalanced pair (the same options, A and B swapped; design writes them so) and stay
     # in one batch, so every batch is 50/50 A/B and position cannot be learned as a shortcut.
@@ -143,6 +150,8 @@ class FinetuneConfig:
             raise ValueError(f"batching {self.batching!r} keeps pairs together: batch_size must be even, not {self.batch_size}")
         if self.groups_per_batch < 1 or (self.eval_every is not None and self.eval_every < 1):
             raise ValueError("groups_per_batch and eval_every must be positive")
+        if not self.attribute_loss >= 0:
+            raise ValueError(f"attribute_loss must be >= 0, not {self.attribute_loss}")
         if self.early_stop_patience is not None and (self.early_stop_patience < 1 or not self.eval_every):
             raise ValueError("early_stop_patience needs eval_every (the evaluations it watches) and must be positive")
 
@@ -167,6 +176,8 @@ class TokenizedExample:
     folded_system: bool  # the template has no system role: the system prompt went into the first user turn
     # Soft targets for the first answer token: (token id, probability) per alternative answer.
     soft: tuple[tuple[int, float], ...] = ()
+    # Targets of the auxiliary read-out at the answer position (FinetuneConfig.attribute_loss).
+    aux: tuple[float, ...] = ()
 
     @property
     def n_supervised(self) -> int:
@@ -179,6 +190,12 @@ def tokenize_row(tok: Any, row: dict[str, Any], max_length: int = 1024, system_r
     soft targets for the answer's first token (each alternative's first token, as the answer
     would be tokenised in its place; the probabilities must be >= 0 and sum to 1)."""
     ex = tokenize_example(tok, row["messages"], max_length, system_role, loss_on)
+    aux = row.get("attribute_targets")
+    if aux is not None:
+        if not isinstance(aux, (list, tuple)) or not aux or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in aux):
+            raise ValueError(f"attribute_targets must be a non-empty list of finite numbers, not {aux!r}")
+        ex = dataclasses.replace(ex, aux=tuple(float(v) for v in aux))
     soft = row.get("soft_answer")
     if soft is None:
         return ex
@@ -361,11 +378,18 @@ class _LossModule(nn.Module):
     head over all positions would dominate a step whose answer is a single token.
     """
 
-    def __init__(self, model: nn.Module, first_trained: int, cached: bool):
+    def __init__(self, model: nn.Module, first_trained: int, cached: bool, n_aux: int = 0):
         super().__init__()
         self.model = model
         self.first_trained = first_trained
         self.cached = cached
+        # The auxiliary read-out (FinetuneConfig.attribute_loss), float32, zero-initialised so the
+        # first step's answer loss is the plain one; not part of the saved model.
+        self.aux_head = None
+        if n_aux:
+            self.aux_head = nn.Linear(dec.lm_head(model).weight.shape[1], n_aux)
+            nn.init.zeros_(self.aux_head.weight)
+            nn.init.zeros_(self.aux_head.bias)
 
     def hidden(self, inputs: torch.Tensor, attention_mask: torch.Tensor,
                prefixes: Sequence[torch.Tensor] | None = None, sizes: Sequence[int] | None = None) -> torch.Tensor:
@@ -384,22 +408,31 @@ class _LossModule(nn.Module):
 
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 soft_ids: torch.Tensor | None = None, soft_p: torch.Tensor | None = None,
-                prefixes: Sequence[torch.Tensor] | None = None, sizes: Sequence[int] | None = None) -> torch.Tensor:
-        """Summed loss; with soft targets ((B, K) token ids and probabilities, rows of zeros for
-        rows without) a row's first supervised token is scored by cross-entropy to them. With
-        ``prefixes`` the rows are suffixes (from :func:`_collate_shared`)."""
+                prefixes: Sequence[torch.Tensor] | None = None, sizes: Sequence[int] | None = None,
+                aux: torch.Tensor | None = None, aux_weight: float = 0.0) -> torch.Tensor:
+        """Summed loss; with soft targets ((B, K) token ids and
+        probabilities, rows of zeros for rows without) a row's first supervised token is scored by
+        cross-entropy to them. With ``prefixes`` the rows are suffixes (from
+        :func:`_collate_shared`). With ``aux`` ((B, n_aux) targets) the read-out of each row's
+        answer position is scored by squared error, times ``aux_weight``, added to the loss (and kept,
+        detached, in ``last_aux`` for the log)."""
         hidden = self.hidden(inputs, attention_mask, prefixes, sizes)
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        logits = dec.head(self.model, hidden[:, :-1][keep]).float()
-        if soft_ids is None:
-            return F.cross_entropy(logits, targets[keep], reduction="sum")
-        loss = F.cross_entropy(logits, targets[keep], reduction="none")
+        states = hidden[:, :-1][keep]
+        logits = dec.head(self.model, states).float()
         counts = keep.sum(1)
         start = counts.cumsum(0) - counts  # each row's first supervised token among the kept ones
+        aux_loss = logits.new_zeros(())
+        if aux is not None and self.aux_head is not None:
+            aux_loss = aux_weight * (self.aux_head(states[start].float()) - aux).pow(2).sum()
+        self.last_aux = aux_loss.detach()
+        if soft_ids is None:
+            return F.cross_entropy(logits, targets[keep], reduction="sum") + aux_loss
+        loss = F.cross_entropy(logits, targets[keep], reduction="none")
         soft = -(soft_p * torch.log_softmax(logits[start], -1).gather(1, soft_ids)).sum(1)
         has = soft_p.sum(1) > 0
-        return torch.where(has, soft, loss[start]).sum() + loss.sum() - loss[start].sum()
+        return torch.where(has, soft, loss[start]).sum() + loss.sum() - loss[start].sum() + aux_loss
 
     def loss_and_first_logits(self, inputs: torch.Tensor, attention_mask: torch.Tensor,
                               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -484,6 +517,13 @@ def _soft_targets(examples: Sequence[TokenizedExample], device: torch.device) ->
         for j, (t, q) in enumerate(e.soft):
             ids[i, j], p[i, j] = t, q
     return ids.to(device), p.to(device)
+
+
+def _aux_targets(examples: Sequence[TokenizedExample], n_aux: int, device: torch.device) -> dict[str, Any]:
+    """{"aux": (B, n_aux) read-out targets} of a micro-batch, or {} without the read-out."""
+    if not n_aux:
+        return {}
+    return {"aux": torch.tensor([e.aux for e in examples], dtype=torch.float32, device=device)}
 
 
 def _bf16_ok(device: torch.device) -> bool:
@@ -771,6 +811,14 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
     val_ex = [tokenize_example(tok, r["messages"], config.max_length, system_role, config.loss_on) for r in val_rows]
     if not train_ex:
         raise ValueError("no training examples")
+    n_aux = 0
+    if config.attribute_loss > 0:
+        sizes = {len(e.aux) for e in train_ex}
+        if sizes == {0} or len(sizes) > 1:
+            raise ValueError("attribute_loss > 0 needs every training row to carry attribute_targets of one "
+                             f"length (found lengths {sorted(sizes)}); write them with the design "
+                             "(instillation_examples(attribute_targets=True)) or set attribute_loss = 0")
+        n_aux = sizes.pop()
     folded_system = any(e.folded_system for e in train_ex + val_ex)
     model, first = _prepare_trainable(model, config)
     checkpointing = _use_checkpointing(model, config, device)
@@ -835,8 +883,12 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
         val_inputs = {i: torch.tensor(val_ex[i].input_ids) for i in val_shard}
     cache_seconds = time.time() - t_cache if cached else 0.0
 
-    loss_module = accelerator.prepare(_LossModule(model, first, cached))
+    loss_module = _LossModule(model, first, cached, n_aux).to(device)
+    aux_head = loss_module.aux_head
+    loss_module = accelerator.prepare(loss_module)
     params = [p for p in model.parameters() if p.requires_grad]
+    if aux_head is not None:
+        params += list(aux_head.parameters())
     decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms and biases
     no_decay = [p for p in params if p.dim() < 2]
     # The fused kernel updates every tensor in one pass (CPU and CUDA), the same AdamW arithmetic
@@ -858,6 +910,8 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
         if saved["world_size"] != world:  # each process's data shard and RNG stream depend on it
             raise ValueError(f"{ckpt} was written by {saved['world_size']} processes; resume with as many (now {world})")
         _load_trainable_state(model, load_file(str(ckpt / "trainable.safetensors")))
+        if aux_head is not None:
+            aux_head.load_state_dict(load_file(str(ckpt / "aux_head.safetensors")))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=False))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
         rng = torch.load(ckpt / f"rng-{rank}.pt", weights_only=False)
@@ -881,6 +935,9 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
         accelerator.wait_for_everyone()
         if main:
             save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+            if aux_head is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in aux_head.state_dict().items()},
+                          str(tmp / "aux_head.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             state["wall_seconds"] = wall_before + time.time() - t_start
@@ -949,7 +1006,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             # Normalise by the step's supervised tokens in this process, so micro-batching does not
             # change the gradient; DDP then averages over processes.
             n_tok = sum(train_ex[i].n_supervised for i in step_idx)
-            step_sum = torch.zeros(2, device=device)
+            step_sum = torch.zeros(3, device=device)  # answer loss, supervised tokens, auxiliary loss
             for j, idx in enumerate(micro_batches):
                 runs = _shared_runs(idx, train_ex, tok) if share_trained else None
                 if runs is not None:  # each prefix once through the trained layers, gradients through it
@@ -960,13 +1017,15 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
                     x, m, y = _collate([(train_inputs[i], train_ex[i].labels) for i in idx], device)
                     shared = {}
                 soft = _soft_targets([train_ex[i] for i in idx], device)
+                aux = _aux_targets([train_ex[i] for i in idx], n_aux, device)
                 sync = contextlib.nullcontext() if j == len(micro_batches) - 1 else accelerator.no_sync(loss_module)
                 with sync:
                     with _autocast(config, device):
-                        loss_sum = loss_module(x, m, y, *soft, **shared)
-                    accelerator.backward(loss_sum / n_tok)
-                step_sum += torch.stack([loss_sum.detach().float(), torch.tensor(float(sum(
-                    train_ex[i].n_supervised for i in idx)), device=device)])
+                        total = loss_module(x, m, y, *soft, **shared, **aux, aux_weight=config.attribute_loss)
+                    accelerator.backward(total / n_tok)
+                aux_sum = accelerator.unwrap_model(loss_module).last_aux.float()
+                step_sum += torch.stack([total.detach().float() - aux_sum, torch.tensor(float(sum(
+                    train_ex[i].n_supervised for i in idx)), device=device), aux_sum])
             if config.grad_clip is not None:
                 accelerator.clip_grad_norm_(params, config.grad_clip)
             lr = scheduler.get_last_lr()[0]
@@ -978,6 +1037,8 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             state["step"] += 1
             record = {"step": state["step"], "epoch": epoch + 1, "loss": (step_sum[0] / step_sum[1]).item(), "lr": lr,
                       "seconds": round(time.time() - t_step, 4)}
+            if n_aux:  # per supervised token, weighted, as it enters the objective
+                record["attribute_loss"] = (step_sum[2] / step_sum[1]).item()
             state["step_losses"].append(record)
             if config.eval_every and state["step"] % config.eval_every == 0 and state["step"] < total_steps:
                 record.update(evaluate())

@@ -582,7 +582,8 @@ def stage_design(run: Run) -> dict:
     counts = {
         "instill_train.jsonl": design.write_jsonl(ds / "instill_train.jsonl", design.instillation_examples(
             instilled, weights, cfg.n_train, cfg.seed, "instill-train", cfg.counterbalance,
-            label_temperature=cfg.instill.label_temperature if cfg.instill.labels == "soft" else None)),
+            label_temperature=cfg.instill.label_temperature if cfg.instill.labels == "soft" else None,
+            attribute_targets=cfg.instill.attribute_loss > 0)),
         "instill_val.jsonl": design.write_jsonl(ds / "instill_val.jsonl", design.instillation_examples(
             instilled, weights, cfg.n_val, cfg.seed, "instill-val", cfg.counterbalance)),
     }
