@@ -312,10 +312,11 @@ class RunConfig(Strict):
                 value.pop(k, None)
         if "instill.labels" in names and self.instill.labels != "hard":  # hard labels keep older design keys
             out["instill.labels"] = {k: getattr(self.instill, k) for k in InstillSettings.DATA}
-        if "instill.labels" in names and self.instill.attribute_loss > 0:  # the design writes their targets
+        if "instill.attribute_loss" in names and self.instill.attribute_loss > 0:  # the design writes its targets
             out["instill.attribute_targets"] = True
-        if isinstance(out.get("instill"), dict) and not out["instill"].get("attribute_loss", 1):
-            out["instill"].pop("attribute_loss")  # off: the keys of runs that predate the setting
+        instill = out.get("instill")
+        if isinstance(instill, dict) and instill.get("attribute_loss") == 0:
+            instill.pop("attribute_loss")  # off: the keys of runs that predate the setting
         for n, value in out.items():  # "auto" keys as float32, the dtype it meant before it existed
             if isinstance(value, dict) and value.get("dtype") == "auto" and n in ("instill", "introspection"):
                 value["dtype"] = "float32"

@@ -136,14 +136,16 @@ def instillation_examples(scenarios: Sequence[Scenario], weights: dict[str, np.n
     out = []
     for s in scenarios:
         w = weights[s.id]
-        for p in sample_pairs(s, n, seed, purpose, counterbalance, w):
+        pairs = sample_pairs(s, n, seed, purpose, counterbalance, w)
+        diffs = differences(s, pairs) if attribute_targets else None
+        for j, p in enumerate(pairs):
             row = {"messages": prompts.decision_chat(s, p.a, p.b, simulated_choice(s, w, p))}
             if label_temperature is not None:
                 du = float(utility(s, w, np.array(p.a)) - utility(s, w, np.array(p.b)))
                 p_a = float(1.0 / (1.0 + np.exp(-np.clip(du / label_temperature, -50, 50))))
                 row["soft_answer"] = {"A": round(p_a, 6), "B": round(1.0 - p_a, 6)}
             if attribute_targets:
-                row["attribute_targets"] = [round(float(d), 6) for d in differences(s, [p])[0]]
+                row["attribute_targets"] = [round(float(d), 6) for d in diffs[j]]
             out.append(row)
     return out
 

@@ -378,14 +378,14 @@ class _LossModule(nn.Module):
     head over all positions would dominate a step whose answer is a single token.
     """
 
-    def __init__(self, model: nn.Module, first_trained: int, cached: bool, n_aux: int = 0):
+    def __init__(self, model: nn.Module, first_trained: int, cached: bool, n_aux: int = 0, aux_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.first_trained = first_trained
         self.cached = cached
         # The auxiliary read-out (FinetuneConfig.attribute_loss), float32, zero-initialised so the
         # first step's answer loss is the plain one; not part of the saved model.
-        self.aux_head = None
+        self.aux_head, self.aux_weight = None, aux_weight
         if n_aux:
             self.aux_head = nn.Linear(dec.lm_head(model).weight.shape[1], n_aux)
             nn.init.zeros_(self.aux_head.weight)
@@ -409,13 +409,12 @@ class _LossModule(nn.Module):
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 soft_ids: torch.Tensor | None = None, soft_p: torch.Tensor | None = None,
                 prefixes: Sequence[torch.Tensor] | None = None, sizes: Sequence[int] | None = None,
-                aux: torch.Tensor | None = None, aux_weight: float = 0.0) -> torch.Tensor:
-        """Summed loss; with soft targets ((B, K) token ids and
-        probabilities, rows of zeros for rows without) a row's first supervised token is scored by
-        cross-entropy to them. With ``prefixes`` the rows are suffixes (from
-        :func:`_collate_shared`). With ``aux`` ((B, n_aux) targets) the read-out of each row's
-        answer position is scored by squared error, times ``aux_weight``, added to the loss (and kept,
-        detached, in ``last_aux`` for the log)."""
+                aux: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed loss; with soft targets ((B, K) token ids and probabilities, rows of zeros for
+        rows without) a row's first supervised token is scored by cross-entropy to them. With
+        ``prefixes`` the rows are suffixes (from :func:`_collate_shared`). With ``aux`` ((B, n_aux)
+        targets) the read-out of each row's answer position is scored by squared error, times
+        ``aux_weight``, and added (kept, detached, in ``last_aux`` for the log)."""
         hidden = self.hidden(inputs, attention_mask, prefixes, sizes)
         targets = labels[:, 1:]
         keep = targets != IGNORE
@@ -425,7 +424,7 @@ class _LossModule(nn.Module):
         start = counts.cumsum(0) - counts  # each row's first supervised token among the kept ones
         aux_loss = logits.new_zeros(())
         if aux is not None and self.aux_head is not None:
-            aux_loss = aux_weight * (self.aux_head(states[start].float()) - aux).pow(2).sum()
+            aux_loss = self.aux_weight * (self.aux_head(states[start].float()) - aux).pow(2).sum()
         self.last_aux = aux_loss.detach()
         if soft_ids is None:
             return F.cross_entropy(logits, targets[keep], reduction="sum") + aux_loss
@@ -883,7 +882,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
         val_inputs = {i: torch.tensor(val_ex[i].input_ids) for i in val_shard}
     cache_seconds = time.time() - t_cache if cached else 0.0
 
-    loss_module = _LossModule(model, first, cached, n_aux).to(device)
+    loss_module = _LossModule(model, first, cached, n_aux, config.attribute_loss).to(device)
     aux_head = loss_module.aux_head
     loss_module = accelerator.prepare(loss_module)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1021,7 +1020,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
                 sync = contextlib.nullcontext() if j == len(micro_batches) - 1 else accelerator.no_sync(loss_module)
                 with sync:
                     with _autocast(config, device):
-                        total = loss_module(x, m, y, *soft, **shared, **aux, aux_weight=config.attribute_loss)
+                        total = loss_module(x, m, y, *soft, **shared, **aux)
                     accelerator.backward(total / n_tok)
                 aux_sum = accelerator.unwrap_model(loss_module).last_aux.float()
                 step_sum += torch.stack([total.detach().float() - aux_sum, torch.tensor(float(sum(

@@ -724,7 +724,7 @@ def stage_report(run: Run) -> dict:
 
 _ALL = ("backend", "model", "seed")
 _DESIGN = ("scenarios", "seed", "n_instilled", "n_native", "n_train", "n_val", "counterbalance", "n_introspection",
-           "instill.labels")
+           "instill.labels", "instill.attribute_loss")
 _REPORTS = ("n_reports", "report_mode", "report_max_new_tokens", "report_temperature")
 _MODEL_BACKEND = ("backend", "model", "simulated", "trainer", "openai", "vllm")  # what training reads
 _INFER = _MODEL_BACKEND + ("batch_size",)  # and what measuring reads (batch_size: see RunConfig.hash_fields)
