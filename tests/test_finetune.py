@@ -272,8 +272,11 @@ def test_training_on_cached_lower_layers_matches_uncached(tiny_model_dir, tmp_pa
     a, b = dict(runs[False].model.named_parameters()), dict(runs[True].model.named_parameters())
     trained = [n for n, p in b.items() if p.requires_grad]
     assert trained and all(".layers.0." not in n for n in trained)
+    # Adam divides by sqrt(v), so where a gradient is near zero the float-order differences of
+    # two equal computations (~1e-7) grow to ~1e-5 in the weights (seen on an AMD EPYC); 1e-4 is
+    # still 200x below one step's update at lr 2e-2.
     for n in trained:
-        assert torch.allclose(a[n], b[n], atol=1e-5), n
+        assert torch.allclose(a[n], b[n], atol=1e-4), n
     # ... and the saved result loads back to the same logits.
     model, tok = load_finetuned(runs[True].path)
     texts = [chat_template.render(tok, chat(i)[:-1], add_generation_prompt=True).text for i in range(2)]
@@ -466,6 +469,32 @@ def test_attribute_readout_trains_beside_the_answer_and_is_not_saved(tiny_model_
                  progress=False)
     with pytest.raises(ValueError, match="attribute_loss"):
         FinetuneConfig(attribute_loss=-1.0)
+
+
+def test_attribute_head_lr_sets_the_readouts_own_pace(tiny_model_dir, tmp_path):
+    """attribute_head_lr: the read-out alone gets that learning rate, so its first step moves each of
+    its weights by it (Adam's first step is the learning rate in size) while the model's answer loss
+    starts the same; None keeps the trainer's lr."""
+    from safetensors.torch import load_file
+
+    rows = paired_examples(4, n_groups=1)
+    for i in range(0, len(rows), 2):
+        rows[i]["attribute_targets"], rows[i + 1]["attribute_targets"] = [0.5, -0.25], [-0.5, 0.25]
+    base = dict(method="full", layers=1, cache_lower_layers=True, batching="grouped_pairs", attribute_loss=1.0,
+                checkpoint_every=1, keep_checkpoints=1, **{**FAST, "epochs": 1, "lr": 1e-3})
+    moved, losses = {}, {}
+    for head_lr in (None, 5e-2):
+        out = tmp_path / f"h{head_lr}"
+        m = finetune(tiny_model_dir, rows, None, FinetuneConfig(**base, attribute_head_lr=head_lr), out,
+                     progress=False).manifest
+        assert m["steps"] == 1
+        head = load_file(str(next((out / "checkpoints").glob("step-*")) / "aux_head.safetensors"))
+        moved[head_lr] = max(float(t.abs().max()) for t in head.values())
+        losses[head_lr] = m["step_losses"][0]["loss"]
+    assert moved[None] == pytest.approx(1e-3, rel=0.05) and moved[5e-2] == pytest.approx(5e-2, rel=0.05)
+    assert losses[5e-2] == pytest.approx(losses[None], abs=1e-5)
+    with pytest.raises(ValueError, match="attribute_head_lr"):
+        FinetuneConfig(attribute_head_lr=0.0)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

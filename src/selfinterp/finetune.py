@@ -117,6 +117,9 @@ class FinetuneConfig:
     # needs, before the per-scenario weighting; the read-out is discarded (the saved model is the
     # same architecture). A departure from the paper, which trained on the answers alone.
     attribute_loss: float = 0.0
+    # The read-out's learning rate (None: `lr`). Zero-initialised, the read-out passes no gradient
+    # into the model until its weights grow, so a faster read-out starts teaching sooner.
+    attribute_head_lr: float | None = None
     # How examples form batches. "shuffle": one by one. "pairs": examples 2i and 2i+1 are one
     # counterbalanced pair (the same options, A and B swapped; design writes them so) and stay
     # in one batch, so every batch is 50/50 A/B and position cannot be learned as a shortcut.
@@ -152,6 +155,8 @@ class FinetuneConfig:
             raise ValueError("groups_per_batch and eval_every must be positive")
         if not self.attribute_loss >= 0:
             raise ValueError(f"attribute_loss must be >= 0, not {self.attribute_loss}")
+        if self.attribute_head_lr is not None and not self.attribute_head_lr > 0:
+            raise ValueError(f"attribute_head_lr must be None (the trainer's lr) or > 0, not {self.attribute_head_lr}")
         if self.early_stop_patience is not None and (self.early_stop_patience < 1 or not self.eval_every):
             raise ValueError("early_stop_patience needs eval_every (the evaluations it watches) and must be positive")
 
@@ -886,15 +891,16 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
     aux_head = loss_module.aux_head
     loss_module = accelerator.prepare(loss_module)
     params = [p for p in model.parameters() if p.requires_grad]
-    if aux_head is not None:
-        params += list(aux_head.parameters())
     decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms and biases
     no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if aux_head is not None:  # the read-out: its own group, its own learning rate (same schedule)
+        groups.append({"params": list(aux_head.parameters()), "weight_decay": 0.0,
+                       "lr": config.attribute_head_lr or config.lr})
     # The fused kernel updates every tensor in one pass (CPU and CUDA), the same AdamW arithmetic
     # (~5% of a cpu-recipe step, bench_finetune.md).
     fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=fused or None)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=fused or None)
     optimizer = accelerator.prepare(optimizer)
     # The scheduler is not prepared: accelerate would step it once per process.
     scheduler = _schedule(optimizer, config, total_steps)
