@@ -688,14 +688,27 @@ def test_release_memory_empties_the_device_cache(monkeypatch):
     assert calls == ["empty_cache"]
 
 
-def test_weights_dtype_auto_and_narrow_frozen_weights(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_only_where_the_cpu_has_it(monkeypatch, native):
+    """bfloat16 autocast is kept on a CPU with avx512_bf16 (or AMX) and dropped (float32) on one that
+    would emulate it; float16 and None pass through."""
+    from selfinterp.finetune import resolve_autocast
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert resolve_autocast("bfloat16", cpu) == ("bfloat16" if native else None)
+    assert resolve_autocast("float16", cpu) == "float16" and resolve_autocast(None, cpu) is None
+
+
+def test_weights_dtype_auto_and_narrow_frozen_weights(tiny_model_dir, tmp_path, monkeypatch):
     """dtype "auto" is float32 on a CPU (bfloat16 on a GPU that has it), recorded as resolved; with
     frozen weights in bfloat16 the fully trained layers and the final norm are float32 (AdamW
     updates on bfloat16 weights would be lost to rounding), and training still learns."""
-    from selfinterp.finetune import resolve_autocast, resolve_dtype
+    from selfinterp.finetune import resolve_dtype
 
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # bf16 autocast kept on any CPU
     assert resolve_dtype("auto", torch.device("cpu")) == "float32" and resolve_dtype("bfloat16", torch.device("cpu")) == "bfloat16"
-    assert resolve_autocast("bfloat16", torch.device("cpu")) == "bfloat16"
     common = dict(method="full", layers=1, **{**FAST, "epochs": 2, "autocast": "bfloat16"})
     auto = finetune(tiny_model_dir, examples(16), None, FinetuneConfig(**common), tmp_path / "auto", progress=False)
     assert FinetuneConfig().dtype == "auto" and auto.manifest["config"]["dtype"] == "float32"
