@@ -109,6 +109,25 @@ def test_recovers_a_known_accuracy():
         res = Run(cfg, d, progress=False).execute()
     c = res["models"]["simulated"]["instilled_reports"]
     assert c["ci"][0] <= 0.5 <= c["ci"][1], c
+    assert c["p_permutation"] < 0.01 and c["null_quantiles"][0] < 0 < c["null_quantiles"][2]
+
+
+def test_a_model_without_access_is_not_called_introspective():
+    """report_access 0: the reports centre on weights unrelated to the model's choices, so the
+    permutation test finds nothing, while the same model with access is found at once. (Under the
+    null p is uniform: p > 0.05 fails 5% of seeds, p > 0.01 1%; test_stats checks the 5% size.)"""
+    import tempfile
+
+    ps = {}
+    for access in (0.0, 1.0):
+        cfg = config.build("simulated", overrides=dict(
+            n_instilled=40, n_native=0, n_train=100, n_eval_trials=200, n_reports=10, n_introspection=1,
+            simulated={"report_noise": 100.0, "fidelity": 1.0, "choice_noise": 5.0, "report_access": access}))
+        with tempfile.TemporaryDirectory() as d:
+            conds = Run(cfg, d, progress=False).execute()["models"]["simulated"]
+        assert conds["instillation"]["p_permutation"] < 0.01  # the choices carry the weights either way
+        ps[access] = conds["instilled_reports"]["p_permutation"]
+    assert ps[0.0] > 0.01 and ps[1.0] < 0.001, ps
 
 
 def test_sigkill_mid_stage_then_resume_repeats_no_call(tmp_path):

@@ -68,3 +68,40 @@ def test_rejects_nan_and_shape_mismatch():
         stats.correlate(np.array([[np.nan, 1.0]]), np.array([[1.0, 2.0]]))
     with pytest.raises(ValueError, match="one shape"):
         stats.correlate(np.zeros((3, 5)), np.zeros((3, 4)))
+
+
+def test_permutation_test_finds_access_and_keeps_its_size():
+    rng = np.random.default_rng(3)
+    w = rng.uniform(-100, 100, (30, 5))
+    informed = stats.permutation_test(w + rng.normal(scale=80, size=w.shape), w, n_perm=999, seed=1)
+    assert informed.p < 0.01 and informed.null_quantiles[0] < 0 < informed.null_quantiles[2]
+    # Reports that know nothing of their scenario: p below 0.05 about 5% of the time.
+    ps = [stats.permutation_test(rng.uniform(-100, 100, (20, 5)), rng.uniform(-100, 100, (20, 5)),
+                                 n_perm=199, seed=i).p for i in range(300)]
+    assert 0.02 < np.mean(np.array(ps) < 0.05) < 0.09
+
+
+def test_permutation_null_keeps_attribute_habits():
+    """Reports that only know that the first attribute is always liked correlate with the weights,
+    but no better than with another scenario's weights: the null keeps each column's values."""
+    rng = np.random.default_rng(0)
+    w = rng.uniform(-100, 100, (25, 5))
+    w[:, 0] = 90 + rng.normal(scale=5, size=25)
+    habit = rng.uniform(-100, 100, (25, 5))
+    habit[:, 0] = 90
+    res = stats.permutation_test(habit, w, n_perm=999)
+    assert res.r > 0.15 and res.p > 0.05
+    assert res.null_quantiles[0] > 0.1  # the null is centred on the habit's r, not on 0
+
+
+def test_permutation_test_matches_correlate_and_stays_within_strata():
+    rng = np.random.default_rng(5)
+    w = rng.uniform(-100, 100, (20, 5))
+    x = w + rng.normal(scale=60, size=w.shape)
+    x[10:] = x[10:] * 5 + 300  # a second stratum on another scale: only z-scoring per stratum fixes it
+    strata = np.repeat([0, 1], 10)
+    res = stats.permutation_test(x, w, strata, n_perm=500)
+    assert res.r == pytest.approx(stats.correlate(x, w, strata, n_boot=10).r)
+    assert res.p < 0.01
+    with pytest.raises(ValueError, match="shape"):
+        stats.permutation_test(x[:5], w)

@@ -68,6 +68,8 @@ class ConditionResult:
     reliability: float | None = None   # split-half reliability of the mean reports
     noise_ceiling: float | None = None  # sqrt(reliability): the r perfect weights could reach
     n_choices: int | None = None        # for "instillation": the choices behind the learned weights
+    p_permutation: float | None = None  # one-sided p of r against reports paired with other scenarios
+    null_quantiles: tuple[float, float, float] | None = None  # 2.5 / 50 / 97.5% of that null's r
     # Kept for figures, not written to results.json:
     x: np.ndarray | None = field(default=None, repr=False)  # (S, k) mean reports or learned weights
     y: np.ndarray | None = field(default=None, repr=False)  # (S, k) the weights compared with
@@ -220,9 +222,10 @@ def analyze_model(d: layout.Directory, model: str, n_boot: int = stats.N_BOOT, s
                           "instilled weights (at least 2 needed)")
                 continue
             c = stats.correlate(x, y, n_boot=n_boot, seed=seed)
+            perm = stats.permutation_test(x, y, n_perm=n_boot, seed=seed)
             result.conditions[cond.name] = ConditionResult(
                 c.r, c.ci, c.n_scenarios, 0, c.sign_agreement,
-                n_choices=diag.get("learned_weights", {}).get("n_choices"), x=x, y=y, scenarios=ids)
+                n_choices=diag.get("learned_weights", {}).get("n_choices"), **_null(perm), x=x, y=y, scenarios=ids)
             continue
         if not all(kind in reports for kind in cond.reports):
             continue
@@ -249,11 +252,13 @@ def analyze_model(d: layout.Directory, model: str, n_boot: int = stats.N_BOOT, s
         y = np.array([target[s] for s, _ in rows])
         pooled = len(cond.reports) > 1
         c = stats.correlate(x, y, np.array(strata) if pooled else None, n_boot=n_boot, seed=seed)
+        perm = stats.permutation_test(x, y, np.array(strata) if pooled else None, n_perm=n_boot, seed=seed)
         rel = stats.split_half_reliability([reps for _, reps in rows], seed=seed)
         rel_out = None if np.isnan(rel) else rel
         result.conditions[cond.name] = ConditionResult(
             c.r, c.ci, c.n_scenarios, int(sum(len(reps) for _, reps in rows)), c.sign_agreement,
             reliability=rel_out, noise_ceiling=None if rel_out is None else float(np.sqrt(max(rel_out, 0.0))),
+            **_null(perm),
             x=stats.pooled_zscored([x[np.array(strata) == g] for g in range(len(cond.reports))]) if pooled else x,
             y=stats.pooled_zscored([y[np.array(strata) == g] for g in range(len(cond.reports))]) if pooled else y,
             scenarios=[s for s, _ in rows])
@@ -262,6 +267,13 @@ def analyze_model(d: layout.Directory, model: str, n_boot: int = stats.N_BOOT, s
         if base in result.conditions and trained in result.conditions:
             result.effects[name] = _effect(result, reports, weight_sets, base, trained, n_boot, seed)
     return result
+
+
+def _null(perm: stats.Permutation) -> dict:
+    """A condition's permutation fields (None where r is undefined)."""
+    if np.isnan(perm.p):
+        return {}
+    return {"p_permutation": perm.p, "null_quantiles": perm.null_quantiles}
 
 
 def _effect(result: ModelResult, reports: dict, weight_sets: dict, base: str, trained: str,
@@ -302,15 +314,19 @@ def to_json(a: Analysis) -> dict:
     def cond(c: ConditionResult) -> dict:
         out = {"r": c.r, "ci": list(c.ci), "n_scenarios": c.n_scenarios, "n_reports": c.n_reports,
                "sign_agreement": c.sign_agreement}
-        for key in ("reliability", "noise_ceiling", "n_choices"):
+        for key in ("reliability", "noise_ceiling", "n_choices", "p_permutation"):
             if getattr(c, key) is not None:
                 out[key] = getattr(c, key)
+        if c.null_quantiles is not None:
+            out["null_quantiles"] = list(c.null_quantiles)
         return out
 
     return {
         "schema": "selfinterp.results/1",
         "source": str(a.root),
         "bootstrap": {"n_boot": a.n_boot, "seed": a.seed, "level": 0.95, "unit": "scenario"},
+        "permutation": {"n_perm": a.n_boot, "seed": a.seed, "null": "report rows paired with other scenarios' "
+                        "weights (within stratum)", "p": "one-sided, r >= observed"},
         "models": {m: {name: cond(c) for name, c in r.conditions.items()} for m, r in a.models.items()},
         "effects": {m: {name: {"diff": e.diff, "ci": list(e.ci), "n_scenarios": e.n_scenarios}
                         for name, e in r.effects.items()} for m, r in a.models.items()},

@@ -250,7 +250,12 @@ def _analysis_source(directory: Optional[Path], paper: bool, out: Optional[Path]
 
 _CAPTION = ("r: Pearson r over scenario x attribute cells (mean report vs learned weights; instillation: learned vs "
             "instilled); CI: 95% bootstrap over scenarios; sign: sign agreement; ceiling: sqrt of the reports' "
-            "split-half reliability; *_effect: trained minus untrained r on the same scenarios.")
+            "split-half reliability; p: permutation test (reports paired with other scenarios' weights, one-sided); "
+            "*_effect: trained minus untrained r on the same scenarios.")
+
+
+def _p_text(p: float | None) -> str:
+    return "" if p is None else f"{p:.3f}" if p >= 0.001 else "<0.001"
 
 
 def print_results(results: dict) -> None:
@@ -259,16 +264,17 @@ def print_results(results: dict) -> None:
     for model, conds in results["models"].items():
         t = Table(title=model, title_justify="left", caption=_CAPTION, caption_justify="left")
         for col, just in (("condition", "left"), ("r", "right"), ("95% CI", "right"), ("scen.", "right"),
-                          ("reports", "right"), ("sign", "right"), ("ceiling", "right")):
+                          ("reports", "right"), ("sign", "right"), ("ceiling", "right"), ("p", "right")):
             t.add_column(col, justify=just, no_wrap=True)
         for name, c in conds.items():
             ceiling = c.get("noise_ceiling")
             t.add_row(name, f"{c['r']:.3f}", f"[{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]",
                       str(c["n_scenarios"]), str(c["n_reports"]) if c["n_reports"] else f"({c.get('n_choices', 0)} choices)",
-                      f"{c['sign_agreement']:.2f}", "" if ceiling is None else f"{ceiling:.2f}")
+                      f"{c['sign_agreement']:.2f}", "" if ceiling is None else f"{ceiling:.2f}",
+                      _p_text(c.get("p_permutation")))
         for name, e in results["effects"].get(model, {}).items():
             t.add_row(f"[italic]{name}[/]", f"{e['diff']:+.3f}", f"[{e['ci'][0]:+.2f}, {e['ci'][1]:+.2f}]",
-                      str(e["n_scenarios"]), "", "", "")
+                      str(e["n_scenarios"]), "", "", "", "")
         console.print(t)
         flags = results["diagnostics"][model]
         for key in ("learned_weights", "native_learned_weights"):

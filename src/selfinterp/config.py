@@ -104,6 +104,9 @@ class SimulatedSettings(Strict):
     report_noise: float = Field(250.0, ge=0, description="sd of the noise added to each reported weight (before clipping to -100..100)")
     report_bias: float = Field(0.0, description="constant added to each reported weight")
     introspection_gain: float = Field(0.5, gt=0, le=1, description="report noise multiplier after introspection training")
+    report_access: float = Field(1.0, ge=0, le=1, description="how much of its own weights a report reflects: "
+                                 "reports centre on access x true + (1 - access) x weights unrelated to its choices "
+                                 "(0: a model with no introspective access)")
     call_delay: float = Field(0.0, ge=0, description="seconds per model call (to test interruption)")
 
 
@@ -326,6 +329,9 @@ class RunConfig(Strict):
         for n, value in out.items():  # "auto" keys as float32, the dtype it meant before it existed
             if isinstance(value, dict) and value.get("dtype") == "auto" and n in ("instill", "introspection"):
                 value["dtype"] = "float32"
+        simulated = out.get("simulated")
+        if isinstance(simulated, dict) and simulated.get("report_access") == 1.0:
+            simulated.pop("report_access")
         if out.get("trainer", 0) is None:
             out.pop("trainer")  # runs that predate the field keep their stage keys
         return out

@@ -38,6 +38,10 @@ def _e(x: Any) -> str:
     return html.escape(str(x))
 
 
+def _p_text(p: float | None) -> str:
+    return "" if p is None else "&lt;0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def _fmt(x: Any, spec: str = ".3f") -> str:
     if x is None:
         return ""
@@ -92,17 +96,19 @@ def write_report(run) -> Path:
         rows.append([_e(c.label), f"<b>{_fmt(v['r'])}</b>", f"[{_fmt(v['ci'][0], '.2f')}, {_fmt(v['ci'][1], '.2f')}]",
                      v["n_scenarios"], v["n_reports"] or f"({v.get('n_choices', 0)} choices)",
                      _fmt(v.get("sign_agreement"), ".2f"), _fmt(v.get("noise_ceiling"), ".2f"),
-                     _fmt(PAPER_GPT4O.get(c.name))])
+                     _p_text(v.get("p_permutation")), _fmt(PAPER_GPT4O.get(c.name))])
     parts.append("<h2>Accuracy of self-reports</h2>")
     parts.append(_table(["condition", "r", "95% CI", "scenarios", "reports", "sign agreement", "noise ceiling",
-                         "paper (GPT-4o)"], rows) if rows else "<p>No condition could be computed.</p>")
+                         "p (permutation)", "paper (GPT-4o)"], rows) if rows else "<p>No condition could be computed.</p>")
     if effects:
         parts.append(_table(["training effect", "difference in r", "95% CI", "scenarios"],
                             [[_e(n), _fmt(e["diff"], "+.3f"), f"[{_fmt(e['ci'][0], '+.2f')}, {_fmt(e['ci'][1], '+.2f')}]",
                               e["n_scenarios"]] for n, e in effects.items()]))
     parts.append("<p>r: Pearson correlation over scenario x attribute cells between the mean report and the learned "
                  "weights (for instillation: learned vs instilled). CIs: bootstrap over scenarios. Held-out halves are "
-                 "z-scored per half, then pooled.</p>")
+                 "z-scored per half, then pooled. p: one-sided permutation test, each scenario's reports paired "
+                 "with another scenario's weights (within a half), so habits shared by all scenarios do not count."
+                 "</p>")
 
     # -- figures
     parts.append("<h2>Figures</h2>")

@@ -137,6 +137,44 @@ def compare(reports_a: np.ndarray, reports_b: np.ndarray, weights: np.ndarray,
     return Difference(diff=point_b - point_a, ci=(float(lo), float(hi)), n_scenarios=len(y))
 
 
+@dataclass(frozen=True)
+class Permutation:
+    r: float                         # the observed r (as :func:`correlate` gives it)
+    p: float                         # one-sided: P(null r >= observed), with the observed counted in
+    null_quantiles: tuple[float, float, float]  # 2.5%, 50%, 97.5% of the null distribution
+    n_perm: int
+
+
+def permutation_test(reports: np.ndarray, weights: np.ndarray, strata: np.ndarray | None = None, *,
+                     n_perm: int = N_BOOT, seed: int = 0) -> Permutation:
+    """Does r exceed what reports that know nothing of their own scenario would reach?
+
+    The null keeps every report row intact (each attribute position keeps its values, so a model's
+    habits such as "the first attribute is positive" survive) and pairs the rows with the weights
+    of other scenarios, at random, within each stratum. ``p`` is (1 + #null >= r) / (1 + n_perm).
+    """
+    x, y = _check_pair(reports, weights)
+    z = strata is not None
+    strata = np.zeros(len(x), dtype=int) if strata is None else np.asarray(strata)
+    if z:  # each stratum z-scored once; a permutation within strata leaves that unchanged
+        x = np.concatenate([zscore(x[strata == g]) for g in np.unique(strata)])
+        y = np.concatenate([zscore(y[strata == g]) for g in np.unique(strata)])
+        strata = np.concatenate([strata[strata == g] for g in np.unique(strata)])
+    r = pearson(x, y)
+    rng = np.random.default_rng(seed)
+    idx = np.empty((n_perm, len(x)), dtype=int)
+    for g in np.unique(strata):
+        members = np.flatnonzero(strata == g)
+        idx[:, members] = members[rng.permuted(np.tile(np.arange(len(members)), (n_perm, 1)), axis=1)]
+    null = _pearson_rows(x[idx].reshape(n_perm, -1), np.broadcast_to(y.ravel(), (n_perm, y.size)))
+    null = null[~np.isnan(null)]
+    if np.isnan(r) or not len(null):
+        return Permutation(r=r, p=float("nan"), null_quantiles=(float("nan"),) * 3, n_perm=n_perm)
+    p = (1 + int(np.sum(null >= r - 1e-12))) / (1 + len(null))
+    q = np.quantile(null, [0.025, 0.5, 0.975])
+    return Permutation(r=r, p=float(p), null_quantiles=(float(q[0]), float(q[1]), float(q[2])), n_perm=n_perm)
+
+
 def split_half_reliability(reports: list[np.ndarray], n_splits: int = 100, seed: int = 0) -> float:
     """Spearman-Brown corrected split-half reliability of per-scenario mean reports.
 

@@ -9,7 +9,9 @@ It reads the same prompts a language model reads and answers through the same in
   on introspection examples: its reports get less noisy (``introspection_gain``), on every
   scenario, trained or not (the generalisation the paper reports);
 - self-reports: its true weights plus Gaussian noise (``report_noise``) and ``report_bias``,
-  clipped to [-100, 100], as the JSON the paper asks for.
+  clipped to [-100, 100], as the JSON the paper asks for; with ``report_access`` < 1 they
+  centre on a mix of its true weights and weights unrelated to its choices (0: a model that
+  cannot see its own preferences, the null the permutation test must not reject).
 
 Before any fine-tuning its weights are its "native" preferences, drawn per scenario from the
 seed. Its state after fine-tuning is a small JSON file, so a fine-tuned simulated model is a
@@ -32,7 +34,7 @@ from .base import ChoiceProbs, Messages, ModelRef, call_seeds
 
 STATE = "simulated.json"
 DEFAULTS = dict(choice_noise=10.0, position_bias=0.0, fidelity=0.9, report_noise=250.0, report_bias=0.0,
-                introspection_gain=0.5, call_delay=0.0)
+                introspection_gain=0.5, report_access=1.0, call_delay=0.0)
 
 
 def _seed_of(*parts: Any) -> int:
@@ -64,6 +66,14 @@ class SimulatedBackend:
     def true_weights(self, scenario: Scenario) -> np.ndarray:
         return self.weights.get(scenario.id, self.native_weights(scenario))
 
+    def reported_centre(self, scenario: Scenario) -> np.ndarray:
+        """What its reports centre on: its true weights, as far as ``report_access`` lets it see them."""
+        access = self.settings["report_access"]
+        if access == 1.0:
+            return self.true_weights(scenario)
+        decoy = design.rescale(design.rng_for(self.seed, scenario.id, "simulated-decoy").uniform(-100, 100, scenario.k))
+        return access * self.true_weights(scenario) + (1 - access) * decoy
+
     def _read(self, chat: Messages):
         user = next(m["content"] for m in chat if m["role"] == "user")
         return user, *prompts.parse_prompt(user, self.by_question)
@@ -94,7 +104,7 @@ class SimulatedBackend:
                 out.append("A" if rng.uniform() < p else "B")
                 continue
             noise = self.settings["report_noise"] * (self.settings["introspection_gain"] if self.introspection_trained else 1.0)
-            reported = self.true_weights(s) + self.settings["report_bias"] + rng.normal(scale=noise, size=s.k)
+            reported = self.reported_centre(s) + self.settings["report_bias"] + rng.normal(scale=noise, size=s.k)
             out.append(prompts.report_json(s, np.clip(reported, -100, 100)))
         return out
 
