@@ -268,3 +268,81 @@ def test_finetune_delegates_and_the_result_loads(tiny_model_dir, bank, tmp_path)
 def test_importing_selfinterp_backends_does_not_import_torch():
     code = "import sys, selfinterp, selfinterp.backends, selfinterp.models; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _brute_force_slot(backend, context, end):
+    """A number slot's distribution from plain whole-sequence forwards, one per prefix of every
+    token path the constrained mode allows (its options renormalised at each step)."""
+    from selfinterp.backends.hf import VALID_NUMBERS
+
+    vocab = backend.number_vocab()
+    probs, memo, best = {}, {}, {}
+
+    def logp_next(path):
+        if path not in memo:
+            ids = torch.tensor([context + list(path)])
+            memo[path] = torch.log_softmax(backend.model(input_ids=ids).logits[0, -1].float(), -1)
+        return memo[path]
+
+    def walk(path, text, logp):
+        options = list(vocab.transitions.get(text, [])) + ([end] if text in VALID_NUMBERS else [])
+        lp = torch.log_softmax(logp_next(path)[options], -1) if len(options) > 1 else torch.zeros(1)
+        for t, l in zip(options, lp.tolist()):
+            if t == end:
+                probs[int(text)] = probs.get(int(text), 0.0) + np.exp(logp + l)
+                if logp + l > best.get(int(text), (-np.inf,))[0]:
+                    best[int(text)] = (logp + l, path)
+            else:
+                walk(path + (t,), text + vocab.texts[t], logp + l)
+
+    with torch.inference_mode():
+        walk((), "", 0.0)
+    return probs, best
+
+
+def test_expected_reports_are_the_mean_of_the_number_distribution(sharp_model_dir, bank):
+    """Two slots checked against a brute-force walk of whole-sequence forwards: each slot's mean
+    and SD, and the second slot read after the first's most probable number."""
+    from selfinterp.backends.hf import HFBackend, _report_plan
+
+    backend = HFBackend(str(sharp_model_dir), batch_size=4, progress=False)
+    s = bank[0]
+    p = sample_pairs(s, 1, seed=0)[0]
+    chat = prompts.introspection_chat(s, p.a, p.b)
+    names = s.attribute_names[:2]
+    report = backend.expected_reports([chat], [names])[0]
+    assert report.mode == "expected" and json.loads(report.text) == pytest.approx(report.weights, abs=1e-4)
+    plan = _report_plan(backend.tokenizer, names)
+    context = backend.tokenizer(backend.render(chat), add_special_tokens=False)["input_ids"] + plan[0]
+    for j, name in enumerate(names):
+        probs, best = _brute_force_slot(backend, context, plan[2 * j + 2][0])
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+        assert len(probs) == 201 and all(-100 <= v <= 100 for v in probs)
+        mean = sum(v * q for v, q in probs.items())
+        sd = np.sqrt(sum(q * (v - mean) ** 2 for v, q in probs.items()))
+        assert report.weights[name] == pytest.approx(mean, abs=1e-3)
+        assert report.sd[name] == pytest.approx(sd, abs=1e-3) and sd > 1  # a random model is unsure
+        if j + 1 < len(names):
+            context = context + list(best[max(probs, key=probs.get)][1]) + plan[2 * j + 2]
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_expected_reports_parse_and_do_not_depend_on_the_forward_path(sharp_model_dir, bank, share_prefix):
+    from selfinterp.backends import ExpectedReporter
+    from selfinterp.backends.hf import HFBackend
+
+    chats, names = [], []
+    for s in bank[:2]:
+        p = sample_pairs(s, 1, seed=0)[0]
+        chats.append(prompts.introspection_chat(s, p.a, p.b))
+        names.append(s.attribute_names)
+    names[1] = ['quote " and \\ backslash', "café ☕", "with, comma: and } brace"]
+    shared = HFBackend(str(sharp_model_dir), batch_size=4, progress=False, share_prefix=True)
+    assert isinstance(shared, ExpectedReporter)
+    reports = shared.expected_reports(chats, names)
+    other = HFBackend(str(sharp_model_dir), batch_size=3, progress=False, share_prefix=share_prefix)
+    again = other.expected_reports(chats, names)
+    for r, a, expected in zip(reports, again, names):
+        assert list(json.loads(r.text)) == list(expected)
+        assert all(-100 <= v <= 100 for v in r.weights.values()) and all(v >= 0 for v in r.sd.values())
+        assert a.weights == pytest.approx(r.weights, abs=1e-3) and a.sd == pytest.approx(r.sd, abs=1e-3)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -110,6 +111,44 @@ def test_recovers_a_known_accuracy():
     c = res["models"]["simulated"]["instilled_reports"]
     assert c["ci"][0] <= 0.5 <= c["ci"][1], c
     assert c["p_permutation"] < 0.01 and c["null_quantiles"][0] < 0 < c["null_quantiles"][2]
+
+
+def test_clipped_normal_moments_match_sampling():
+    from selfinterp.backends.simulated import _clipped_normal_moments
+
+    rng = np.random.default_rng(0)
+    mu = np.array([-150.0, -40.0, 0.0, 60.0, 100.0])
+    x = np.clip(mu + rng.normal(scale=120.0, size=(400_000, 5)), -100, 100)
+    m, sd = _clipped_normal_moments(mu, 120.0, -100, 100)
+    assert m == pytest.approx(x.mean(axis=0), abs=0.5) and sd == pytest.approx(x.std(axis=0), abs=0.5)
+    assert _clipped_normal_moments(mu, 0.0, -100, 100)[0].tolist() == [-100, -40, 0, 60, 100]
+
+
+def test_expected_reports_recover_a_known_accuracy():
+    """report_mode 'expected' on the simulated model: each report is the exact mean of its sampled
+    reports, so the run's r is the population r of those means (computed here in closed form),
+    and two reports of a scenario agree exactly."""
+    from selfinterp import design
+    from selfinterp.backends.simulated import _clipped_normal_moments
+
+    access, noise = 0.6, 150.0
+    rng = np.random.default_rng(0)
+    w, decoy = (design.rescale(rng.uniform(-100, 100, (20_000, 5))) for _ in range(2))
+    known = np.corrcoef(_clipped_normal_moments(access * w + (1 - access) * decoy, noise, -100, 100)[0].ravel(),
+                        w.ravel())[0, 1]
+    cfg = config.build("simulated", overrides=dict(
+        n_instilled=100, n_native=0, n_train=100, n_eval_trials=200, n_reports=2, n_introspection=1,
+        report_mode="expected",
+        simulated={"report_noise": noise, "fidelity": 1.0, "choice_noise": 5.0, "report_access": access}))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        res = Run(cfg, d, progress=False).execute()
+        raw = [json.loads(line) for line in (Path(d) / "raw" / "simulated_instilled_weight_reports.jsonl").read_text().splitlines()]
+    c = res["models"]["simulated"]["instilled_reports"]
+    assert 0.5 < known < 0.9 and c["ci"][0] <= known <= c["ci"][1], (known, c)
+    assert c["reliability"] == pytest.approx(1.0)
+    assert all(r["mode"] == "expected" and len(r["sd"]) == 5 for r in raw)
 
 
 def test_a_model_without_access_is_not_called_introspective():

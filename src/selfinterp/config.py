@@ -228,7 +228,10 @@ class RunConfig(Strict):
     eval_counterbalance: bool = Field(False, description="measure every pair in both orders")
     soft_targets: bool = Field(False, description="fit learned weights on P(A) instead of the argmax choice")
     n_reports: int = Field(10, ge=1, description="self-reports per scenario and condition")
-    report_mode: Literal["free", "constrained"] = "free"
+    report_mode: Literal["free", "constrained", "expected"] = Field(
+        "free", description="free: the model writes the JSON; constrained: the tool writes the skeleton and the model "
+        "picks each number; expected: the constrained skeleton, each number the mean of the model's distribution "
+        "over -100..100 (no sampling; hf and simulated backends)")
     report_max_new_tokens: int = Field(96, ge=8)
     report_temperature: float = Field(0.0, ge=0)
     n_introspection: int = Field(50, ge=1, description="introspection-training examples per scenario")
@@ -277,6 +280,9 @@ class RunConfig(Strict):
             raise ValueError("introspection.batching: introspection examples are not A/B pairs; use 'auto' or 'shuffle'")
         if self.backend == "simulated" and self.report_mode == "constrained":
             raise ValueError("report_mode 'constrained' needs a model backend; the simulated one reports freely")
+        if self.report_mode == "expected" and self.backend not in ("hf", "simulated"):
+            raise ValueError(f"report_mode 'expected' reads the model's probabilities of every number, which the "
+                             f"{self.backend} backend does not give; use backend 'hf', or report_mode 'constrained'")
         return self
 
     @property

@@ -79,6 +79,10 @@ def write_report(run) -> Path:
     if cfg.preset == "smoke":
         parts.append('<p class="warn">This is a <b>smoke</b> run: a handful of scenarios on a tiny budget to prove '
                      'that every stage works. Its numbers are not expected to be meaningful.</p>')
+    if cfg.report_mode == "expected":
+        parts.append('<p class="warn">Reports are <b>expected values</b>: the tool wrote the JSON skeleton and each '
+                     'number is the mean of the model\'s probability distribution over -100..100 for that slot (no '
+                     'sampling). This is a different condition from the paper\'s sampled free-form reports.</p>')
     if cfg.report_mode == "constrained":
         parts.append('<p class="warn">Reports were generated in <b>constrained</b> mode: the JSON skeleton with the '
                      'attribute names was written by the tool and the model chose only the numbers. This is a '

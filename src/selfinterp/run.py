@@ -468,6 +468,9 @@ class Run:
 
         def report(backend, batch):
             chats = [prompts.introspection_chat(s, p.a, p.b) for _, s, p, _ in batch]
+            if cfg.report_mode == "expected":  # no sampling: the mean (and SD) of each slot's distribution
+                out = backend.expected_reports(chats, [s.attribute_names for _, s, _, _ in batch])
+                return [{"text": r.text, "mode": "expected", "sd": r.sd} for r in out]
             if cfg.report_mode == "constrained":
                 texts = [r.text for r in backend.constrained_reports(chats, [s.attribute_names for _, s, _, _ in batch])]
             else:
@@ -482,7 +485,8 @@ class Run:
             text = journal[k]["text"]
             parsed = parse_report(text, s.attribute_names)
             raw.append({"scenario": s.id, "report": i, "mode": journal[k]["mode"], "text": text, "ok": parsed.ok,
-                        "reason": parsed.reason, "detail": parsed.detail})
+                        "reason": parsed.reason, "detail": parsed.detail,
+                        **({"sd": journal[k]["sd"]} if "sd" in journal[k] else {})})
             if not parsed.ok:
                 reasons[parsed.reason] = reasons.get(parsed.reason, 0) + 1
                 continue
@@ -829,6 +833,8 @@ def plan(cfg: RunConfig, device: Any = None) -> list[dict[str, Any]]:
         if local and calls:
             if kind == "choice":
                 work = est.Work(name, "score", calls, sizes["decision"], batch_size=cfg.batch_size, dtype=infer_dtype)
+            elif kind == "report_expected":  # per slot: the prompt so far, then ~a prompt's worth of short rows
+                work = est.Work(name, "score", calls * 2 * 5, sizes["introspection"], batch_size=1, dtype=infer_dtype)
             else:
                 work = est.Work(name, "generate", calls, sizes["introspection"],
                                 new_tokens=min(sizes["answer"], cfg.report_max_new_tokens), batch_size=cfg.batch_size,

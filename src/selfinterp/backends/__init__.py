@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-from .base import Backend, ChoiceProbs, ConstrainedReporter, ModelRef, SelfReport, json_object_end
+from .base import Backend, ChoiceProbs, ConstrainedReporter, ExpectedReporter, ModelRef, SelfReport, json_object_end
 
-__all__ = ["Backend", "ChoiceProbs", "ConstrainedReporter", "ModelRef", "SelfReport", "json_object_end",
+__all__ = ["Backend", "ChoiceProbs", "ConstrainedReporter", "ExpectedReporter", "ModelRef", "SelfReport", "json_object_end",
            "load"]
 
 

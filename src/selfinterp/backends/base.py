@@ -11,11 +11,13 @@ The protocol needs three things from a model:
 Inputs are chats in the OpenAI ``messages`` format (from :mod:`selfinterp.prompts`) *without*
 the assistant's answer; each backend renders them with the model's own chat template.
 
-Self-reports come in two modes that are different experimental conditions and must never be
-mixed silently: ``free`` (the model writes the JSON itself; parsing may fail) and
-``constrained`` (the backend writes the JSON skeleton with the scenario's attribute names and
-the model only chooses the numbers, so every reply parses). Backends that can constrain
-decoding offer ``constrained_reports``.
+Self-reports come in three modes that are different experimental conditions and must never be
+mixed silently: ``free`` (the model writes the JSON itself; parsing may fail), ``constrained``
+(the backend writes the JSON skeleton with the scenario's attribute names and the model only
+chooses the numbers, so every reply parses) and ``expected`` (the constrained skeleton, each
+number the mean of the model's distribution over the valid numbers: no sampling noise). Backends
+that can constrain decoding offer ``constrained_reports``, those that can read the distribution
+``expected_reports``.
 
 This module imports neither torch nor transformers.
 """
@@ -28,7 +30,7 @@ from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 Messages = list[dict[str, str]]
-ReportMode = Literal["free", "constrained"]
+ReportMode = Literal["free", "constrained", "expected"]
 
 # The range the paper asks weights to be reported in; constrained reports stay inside it.
 WEIGHT_MIN, WEIGHT_MAX = -100, 100
@@ -55,8 +57,9 @@ class SelfReport:
     """One self-report: the text the model produced, the weights read from it, and how it was produced."""
 
     text: str
-    weights: dict[str, int] | None  # None when a free-mode reply did not parse
+    weights: dict[str, float] | None  # None when a free-mode reply did not parse
     mode: ReportMode
+    sd: dict[str, float] | None = None  # "expected" mode: the SD of each slot's distribution
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,15 @@ class ConstrainedReporter(Protocol):
 
     def constrained_reports(self, chats: Sequence[Messages],
                             attribute_names_per_chat: Sequence[Sequence[str]]) -> list[SelfReport]: ...
+
+
+@runtime_checkable
+class ExpectedReporter(Protocol):
+    """Optional: backends that can give, per number slot, the mean (and SD) of the model's
+    distribution over the valid numbers instead of one drawn number."""
+
+    def expected_reports(self, chats: Sequence[Messages],
+                         attribute_names_per_chat: Sequence[Sequence[str]]) -> list[SelfReport]: ...
 
 
 def call_seeds(seed: int | Sequence[int], n: int) -> list[int]:

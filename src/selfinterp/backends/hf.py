@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,7 @@ class HFBackend:
         probe = self.render(prompts.chat("Respond with A or B."))
         self.answer_ids = answer_token_ids(self.tokenizer, probe)
         self._number_vocab: NumberVocab | None = None  # built on the first constrained report
+        self._tree: NumberTree | None = None  # built on the first expected-value report
         self.info: dict[str, Any] = {
             "backend": "hf",
             "model": self.model_name,
@@ -350,6 +352,67 @@ class HFBackend:
                 advance(len(batch))
         return [r for r in reports if r is not None]
 
+    @torch.inference_mode()
+    def expected_reports(self, chats: Sequence[Messages],
+                         attribute_names_per_chat: Sequence[Sequence[str]]) -> list[SelfReport]:
+        """Self-reports in the *expected-value* mode: the constrained template, and for each number
+        slot the model's whole distribution over the integers -100..100, reported as its mean (SD
+        beside it). A number's probability is the product of the constrained next-token
+        probabilities along its tokens, summed over every tokenisation that writes it; the slot is
+        then filled with the most probable number (along its most probable tokens) before the next
+        slot is read. No sampling: a report is a function of its prompt.
+
+        Each slot costs one forward of the prompt so far plus one short row per branching node of
+        the number tree (about 50 rows of <= 5 tokens for SmolLM2's tokenizer), using the shared
+        prefix (decoder.py) where the model supports it.
+        """
+        if len(chats) != len(attribute_names_per_chat):
+            raise ValueError(f"{len(chats)} chats but {len(attribute_names_per_chat)} lists of attribute names")
+        ids = encode(self.tokenizer, [self.render(c) for c in chats])
+        tree = self._number_tree()
+        reports = []
+        with self._progress("expected-value reports", len(ids)) as advance:
+            for prompt, names in zip(ids, attribute_names_per_chat):
+                plan = _report_plan(self.tokenizer, names)
+                context = list(prompt)
+                means, sds = {}, {}
+                for j, name in enumerate(names):
+                    context += plan[2 * j]  # '{"name":' or ', "name":'
+                    end = plan[2 * j + 2][0]  # the token that closes the number
+                    dist = tree.distribution(self._branch_logits(context, tree.branch_paths), end)
+                    means[name], sds[name] = dist.mean, dist.sd
+                    context += list(dist.mode_path)
+                text = json.dumps({n: round(v, 4) for n, v in means.items()}, ensure_ascii=False)
+                reports.append(SelfReport(text=text, weights=means, mode="expected", sd=sds))
+                advance(1)
+        return reports
+
+    def _number_tree(self) -> "NumberTree":
+        if self._tree is None:
+            self._tree = NumberTree.build(self.number_vocab())
+        return self._tree
+
+    def _branch_logits(self, context: list[int], paths: Sequence[tuple[int, ...]]) -> torch.Tensor:
+        """Next-token logits (len(paths), V) after ``context`` + each path."""
+        rows = [[context[-1], *p] for p in paths]  # every row ends where its logits are read
+        lens = torch.tensor([len(r) for r in rows])
+        suffixes = torch.full((len(rows), int(lens.max())), self.tokenizer.pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            suffixes[i, : len(r)] = torch.tensor(r)
+        if self._prefix_ok():
+            prefix = torch.tensor([context[:-1]], device=self.device)
+            h = decoder.last_hidden_shared(self.model, prefix, suffixes.to(self.device), lens)
+            return decoder.head(self.model, h).float()
+        out = []  # plain forwards of context + path, right-padded (causal: padding comes after)
+        head = torch.tensor(context[:-1], dtype=torch.long).expand(len(rows), -1)
+        full = torch.cat([head, suffixes], 1)
+        for s in range(0, len(rows), self.batch_size):
+            batch = full[s: s + self.batch_size].to(self.device)
+            logits = self.model(input_ids=batch, use_cache=False).logits
+            last = (len(context) - 1 + lens[s: s + self.batch_size] - 1).to(self.device)
+            out.append(logits[torch.arange(len(batch), device=self.device), last].float())
+        return torch.cat(out)
+
     # ---------------------------------------------------------------------------------------
     # Fine-tuning
 
@@ -471,6 +534,78 @@ def _number_vocab(tokenizer: Any) -> NumberVocab:
     if not transitions[""]:
         raise ValueError("the tokenizer has no digit tokens: constrained reports are impossible")
     return NumberVocab(texts=texts, transitions=transitions)
+
+
+@dataclass(frozen=True)
+class SlotDistribution:
+    probs: dict[int, float]  # number -> probability (sums to 1)
+    mean: float
+    sd: float
+    mode: int
+    mode_path: tuple[int, ...]  # the most probable tokens that write the mode, closing token excluded
+
+
+@dataclass(frozen=True)
+class NumberTree:
+    """Every token path that writes a valid number slot (a prefix of " -100".."100"), as a tree.
+
+    Node i has ``text[i]`` (what its path wrote), ``children[i]`` (token -> node) and whether its
+    text is a complete number (then the slot's closing token may follow). Only nodes with two or
+    more ways on need the model's logits (``branch``); the others continue with probability 1.
+    """
+
+    paths: list[tuple[int, ...]]
+    text: list[str]
+    children: list[dict[int, int]]
+    branch: list[int]  # nodes that need logits, in the order of branch_paths
+
+    @property
+    def branch_paths(self) -> list[tuple[int, ...]]:
+        return [self.paths[i] for i in self.branch]
+
+    @classmethod
+    def build(cls, vocab: NumberVocab) -> "NumberTree":
+        paths, text, children = [()], [""], [{}]
+        i = 0
+        while i < len(paths):  # breadth first; a slot's text only grows, so this ends
+            for t in vocab.transitions.get(text[i], []):
+                children[i][t] = len(paths)
+                paths.append(paths[i] + (t,))
+                text.append(text[i] + vocab.texts[t])
+                children.append({})
+            i += 1
+        branch = [i for i in range(len(paths)) if len(children[i]) + (text[i] in VALID_NUMBERS) >= 2]
+        return cls(paths, text, children, branch)
+
+    def distribution(self, logits: torch.Tensor, end: int) -> SlotDistribution:
+        """The slot's distribution over numbers, from the logits at each branching node (rows in
+        ``branch`` order) and the token that closes the slot; each node's options renormalised
+        (the constrained mode's masking)."""
+        row = {node: k for k, node in enumerate(self.branch)}
+        probs: dict[int, float] = {}
+        best: dict[int, tuple[float, tuple[int, ...]]] = {}
+        stack = [(0, 0.0)]
+        while stack:
+            node, logp = stack.pop()
+            options = list(self.children[node]) + ([end] if self.text[node] in VALID_NUMBERS else [])
+            if node in row:
+                lp = torch.log_softmax(logits[row[node], options], dim=-1).tolist()
+            else:
+                lp = [0.0] * len(options)
+            for t, l in zip(options, lp):
+                if t == end and self.text[node] in VALID_NUMBERS and t not in self.children[node]:
+                    v = int(self.text[node])
+                    probs[v] = probs.get(v, 0.0) + math.exp(logp + l)
+                    if v not in best or logp + l > best[v][0]:
+                        best[v] = (logp + l, self.paths[node])
+                else:
+                    stack.append((self.children[node][t], logp + l))
+        total = sum(probs.values())
+        probs = {v: p / total for v, p in probs.items()}
+        mean = sum(v * p for v, p in probs.items())
+        sd = math.sqrt(max(sum(p * (v - mean) ** 2 for v, p in probs.items()), 0.0))
+        mode = max(probs, key=probs.get)
+        return SlotDistribution(probs, mean, sd, mode, best[mode][1])
 
 
 def _report_plan(tokenizer: Any, names: Sequence[str]) -> list[list[int] | None]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import design, prompts, regression
 from ..scenarios import Scenario
-from .base import ChoiceProbs, Messages, ModelRef, call_seeds
+from .base import WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfReport, call_seeds
 
 STATE = "simulated.json"
 DEFAULTS = dict(choice_noise=10.0, position_bias=0.0, fidelity=0.9, report_noise=250.0, report_bias=0.0,
@@ -108,6 +108,22 @@ class SimulatedBackend:
             out.append(prompts.report_json(s, np.clip(reported, -100, 100)))
         return out
 
+    def expected_reports(self, chats: Sequence[Messages],
+                         attribute_names_per_chat: Sequence[Sequence[str]]) -> list[SelfReport]:
+        """What its sampled reports average to, exactly: per weight, the mean and SD of
+        clip(N(centre + bias, noise), -100, 100), in closed form."""
+        self._delay(len(chats))
+        out = []
+        for chat, names in zip(chats, attribute_names_per_chat):
+            _, s, _, _ = self._read(chat)
+            noise = self.settings["report_noise"] * (self.settings["introspection_gain"] if self.introspection_trained else 1.0)
+            mu = self.reported_centre(s) + self.settings["report_bias"]
+            means, sds = _clipped_normal_moments(mu, noise, WEIGHT_MIN, WEIGHT_MAX)
+            weights = {n: float(m) for n, m in zip(names, means)}
+            out.append(SelfReport(text=json.dumps({n: round(v, 4) for n, v in weights.items()}, ensure_ascii=False),
+                                  weights=weights, mode="expected", sd={n: float(v) for n, v in zip(names, sds)}))
+        return out
+
     def _delay(self, n: int) -> None:
         """Optional time per call, to test interruption and resumption mid-stage."""
         if self.settings["call_delay"] > 0:
@@ -152,6 +168,22 @@ class SimulatedBackend:
         tmp.write_text(json.dumps(state))
         tmp.replace(out / STATE)
         return ModelRef(base="simulated", adapter=str(out), metadata=state["trained_on"])
+
+
+def _clipped_normal_moments(mu: np.ndarray, sigma: float, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and SD of clip(X, lo, hi) for X ~ N(mu, sigma^2), elementwise."""
+    mu = np.asarray(mu, dtype=float)
+    if sigma == 0:
+        return np.clip(mu, lo, hi), np.zeros_like(mu)
+    from scipy.stats import norm
+
+    a, b = (lo - mu) / sigma, (hi - mu) / sigma
+    Fa, Fb, fa, fb = norm.cdf(a), norm.cdf(b), norm.pdf(a), norm.pdf(b)
+    inside = Fb - Fa
+    m1 = lo * Fa + hi * (1 - Fb) + mu * inside + sigma * (fa - fb)
+    m2 = (lo**2 * Fa + hi**2 * (1 - Fb) + mu**2 * inside + 2 * mu * sigma * (fa - fb)
+          + sigma**2 * (inside + a * fa - b * fb))
+    return m1, np.sqrt(np.maximum(m2 - m1**2, 0.0))
 
 
 def _read_examples(data: Any) -> list[dict]:
