@@ -151,6 +151,27 @@ def test_expected_reports_recover_a_known_accuracy():
     assert all(r["mode"] == "expected" and len(r["sd"]) == 5 for r in raw)
 
 
+def test_cross_model_control_separates_introspection_from_the_text(tmp_path):
+    """The base model, given the same introspection training, reports its own (native) weights:
+    against the instilled model's learned weights it scores ~0, so the trained model's reports
+    beat it; the control's files follow the paper's naming with a control_ prefix."""
+    cfg = small(n_instilled=40, n_native=20, n_eval_trials=100, n_native_trials=100, cross_model_control=True,
+                simulated={"report_noise": 60.0, "fidelity": 1.0, "choice_noise": 5.0})
+    run = Run(cfg, tmp_path, progress=False)
+    assert {"itrain_control_first", "reports_control_native"} <= {s.name for s in run.stages()}
+    res = run.execute()
+    assert sorted(p.name for p in tmp_path.glob("simulated_control_*.csv")) == [
+        "simulated_control_itrained_all_40_latent_weight_reports.csv",
+        "simulated_control_itrained_first_20_of_40_weight_reports.csv",
+        "simulated_control_itrained_last_20_of_40_weight_reports.csv"]
+    conds, effects = res["models"]["simulated"], res["effects"]["simulated"]
+    control, trained = conds["control_itrained_heldout"], conds["itrained_heldout"]
+    assert control["ci"][0] < 0 < control["ci"][1] and control["p_permutation"] > 0.01
+    assert trained["r"] > 0.5 and effects["itrained_over_control"]["ci"][0] > 0.2
+    assert "control_native_itrained" in conds and "native_itrained_over_control" in effects
+    assert not any(s.control for s in Run(small(), tmp_path / "plain", progress=False).stages())
+
+
 def test_a_model_without_access_is_not_called_introspective():
     """report_access 0: the reports centre on weights unrelated to the model's choices, so the
     permutation test finds nothing, while the same model with access is found at once. (Under the

@@ -49,12 +49,22 @@ CONDITIONS: list[Condition] = [
               ("native_instilled_reports",), "native_learned"),
     Condition("native_itrained_reports", "native preferences: after training on all",
               ("native_itrained_reports",), "native_learned"),
+    # The cross-model control: the never-instilled base model, given the same introspection
+    # training, reporting on the same scenarios, against the instilled model's learned weights.
+    Condition("control_itrained_heldout", "control: base model after the same training, held-out halves pooled",
+              ("control_first_reports", "control_last_reports"), "learned"),
+    Condition("control_native_itrained", "control: base model after training on all, native scenarios",
+              ("control_native_reports",), "native_learned"),
 ]
 
 #: The training effects: (name, baseline condition, trained condition).
 EFFECTS = [
     ("itrained_effect", "instilled_reports", "itrained_heldout"),
     ("native_itrained_effect", "native_instilled_reports", "native_itrained_reports"),
+    # Positive: the trained model's reports track its own weights better than the same training
+    # gives a model that never held them.
+    ("itrained_over_control", "control_itrained_heldout", "itrained_heldout"),
+    ("native_itrained_over_control", "control_native_itrained", "native_itrained_reports"),
 ]
 
 
@@ -278,21 +288,22 @@ def _null(perm: stats.Permutation) -> dict:
 
 def _effect(result: ModelResult, reports: dict, weight_sets: dict, base: str, trained: str,
             n_boot: int, seed: int) -> stats.Difference:
-    """Trained minus baseline r on the scenarios both have, paired over scenarios."""
+    """Trained minus baseline r on the scenarios both have, paired over scenarios (either side
+    may pool held-out halves: then it is z-scored per half, as its condition is)."""
     cb = next(c for c in CONDITIONS if c.name == base)
     ct = next(c for c in CONDITIONS if c.name == trained)
     target = weight_sets[ct.weights]
-    trained_rows: dict[str, tuple[np.ndarray, int]] = {}
-    for g, kind in enumerate(ct.reports):
-        for s, reps in _mean_reports(reports[kind]).items():
-            trained_rows[s] = (reps.mean(axis=0), g)
-    base_rows = {s: reps.mean(axis=0) for s, reps in _mean_reports(reports[cb.reports[0]]).items()}
+
+    def rows(cond: Condition) -> dict[str, tuple[np.ndarray, int]]:
+        return {s: (reps.mean(axis=0), g) for g, kind in enumerate(cond.reports)
+                for s, reps in _mean_reports(reports[kind]).items()}
+
+    trained_rows, base_rows = rows(ct), rows(cb)
     ids = [s for s in trained_rows if s in base_rows and s in target]
-    strata = np.array([trained_rows[s][1] for s in ids])
-    pooled = len(ct.reports) > 1
-    return stats.compare(np.array([base_rows[s] for s in ids]), np.array([trained_rows[s][0] for s in ids]),
-                         np.array([target[s] for s in ids]),
-                         strata if pooled else None, strata if pooled else None, n_boot=n_boot, seed=seed)
+    sa = np.array([base_rows[s][1] for s in ids]) if len(cb.reports) > 1 else None
+    sb = np.array([trained_rows[s][1] for s in ids]) if len(ct.reports) > 1 else None
+    return stats.compare(np.array([base_rows[s][0] for s in ids]), np.array([trained_rows[s][0] for s in ids]),
+                         np.array([target[s] for s in ids]), sa, sb, n_boot=n_boot, seed=seed)
 
 
 def analyze(root: str | Path, n_boot: int = stats.N_BOOT, seed: int = 0, strict: bool = False) -> Analysis:

@@ -232,6 +232,10 @@ class RunConfig(Strict):
         "free", description="free: the model writes the JSON; constrained: the tool writes the skeleton and the model "
         "picks each number; expected: the constrained skeleton, each number the mean of the model's distribution "
         "over -100..100 (no sampling; hf and simulated backends)")
+    cross_model_control: bool = Field(
+        False, description="also give the base model (never instilled) the same introspection training on each "
+        "fold and compare its held-out reports with the instilled model's learned weights: reports that come "
+        "from the scenario text, not from the model's own weights, do as well there")
     report_max_new_tokens: int = Field(96, ge=8)
     report_temperature: float = Field(0.0, ge=0)
     n_introspection: int = Field(50, ge=1, description="introspection-training examples per scenario")

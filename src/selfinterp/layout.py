@@ -12,6 +12,9 @@ A results directory holds, per model (the base model's name starts each file nam
     <model>_itrained_last_*_weight_reports.csv    trained on the second half, reporting on the first
     <model>_instilled_latent_weight_reports.csv   instilled model's reports on native scenarios
     <model>_itrained_all_*_latent_weight_reports.csv  trained on all, reporting on native scenarios
+    <model>_control_itrained_{first,last}_*_weight_reports.csv, <model>_control_itrained_all_*_latent_weight_reports.csv
+        the cross-model control (this tool's, not the paper's): the base model given the same
+        introspection training, reporting on the same held-out (or native) scenarios
 
 plus ``scenarios.csv`` (or this tool's ``scenarios.json``) and ``instilled_weights.csv``.
 Runs written by this tool use the same layout, so one analysis serves both.
@@ -35,6 +38,9 @@ KINDS: list[tuple[str, re.Pattern]] = [
         ("selections", r"instilled_selections"),
         ("native_regression", r"latent_regression_results"),
         ("regression", r"regression_results"),
+        ("control_native_reports", r"control_itrained_all_.+_latent_weight_reports"),
+        ("control_first_reports", r"control_itrained_first_.+_weight_reports"),
+        ("control_last_reports", r"control_itrained_last_.+_weight_reports"),
         ("native_instilled_reports", r"instilled_latent_weight_reports"),
         ("native_itrained_reports", r"itrained_all_.+_latent_weight_reports"),
         ("itrained_first_reports", r"itrained_first_.+_weight_reports"),

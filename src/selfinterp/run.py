@@ -57,6 +57,7 @@ class Stage:
     fields: tuple[str, ...]  # the RunConfig fields the stage reads
     fn: Callable[["Run"], dict[str, Any]]
     native: bool = False     # only when the run has native scenarios
+    control: bool = False    # only with cross_model_control
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +87,8 @@ class Run:
         return self.root.joinpath(*parts)
 
     def stages(self) -> list[Stage]:
-        return [s for s in STAGES if not (s.native and self.cfg.n_native == 0)]
+        return [s for s in STAGES if not (s.native and self.cfg.n_native == 0)
+                and not (s.control and not self.cfg.cross_model_control)]
 
     def _state_file(self, name: str) -> Path:
         return self.path("stages", f"{name}.json")
@@ -705,6 +707,41 @@ def stage_reports_native_itrained(run: Run) -> dict:
                                f"{run.label}_itrained_all_{n}_latent_weight_reports.csv")
 
 
+# The cross-model control: the base model (never instilled) given the same introspection training
+# on the same fold and asked about the same held-out scenarios; its reports are compared with the
+# *instilled* model's learned weights. If it does as well, the reports follow the scenario text,
+# not the reporting model's own weights.
+
+def stage_itrain_control_first(run: Run) -> dict:
+    return run.train("control_first", "base", "introspection_first_half.jsonl", None, run.cfg.introspection)
+
+
+def stage_itrain_control_last(run: Run) -> dict:
+    return run.train("control_last", "base", "introspection_second_half.jsonl", None, run.cfg.introspection)
+
+
+def stage_itrain_control_all(run: Run) -> dict:
+    return run.train("control_all", "base", "introspection_all.jsonl", None, run.cfg.introspection)
+
+
+def stage_reports_control_first(run: Run) -> dict:
+    _, second = _halves(run)
+    return run.measure_reports("control_first", second, "control_itrained_first",
+                               _fold_name(run, "first").replace("_itrained_", "_control_itrained_", 1))
+
+
+def stage_reports_control_last(run: Run) -> dict:
+    first, _ = _halves(run)
+    return run.measure_reports("control_last", first, "control_itrained_last",
+                               _fold_name(run, "last").replace("_itrained_", "_control_itrained_", 1))
+
+
+def stage_reports_control_native(run: Run) -> dict:
+    n = len(run.design["instilled"])
+    return run.measure_reports("control_all", run.design["native"], "control_itrained_all_latent",
+                               f"{run.label}_control_itrained_all_{n}_latent_weight_reports.csv")
+
+
 def stage_analysis(run: Run) -> dict:
     from .figures import write_all
 
@@ -759,9 +796,22 @@ STAGES: list[Stage] = [
           _INFER + _REPORTS, stage_reports_native_instilled, native=True),
     Stage("reports_native_itrained", "reports on native scenarios after training on all", ("itrain_all",),
           _INFER + _REPORTS, stage_reports_native_itrained, native=True),
+    Stage("itrain_control_first", "control: the base model given introspection training on the first half",
+          ("design",), _MODEL_BACKEND + ("introspection",), stage_itrain_control_first, control=True),
+    Stage("itrain_control_last", "control: the base model given introspection training on the second half",
+          ("design",), _MODEL_BACKEND + ("introspection",), stage_itrain_control_last, control=True),
+    Stage("itrain_control_all", "control: the base model given introspection training on every instilled scenario",
+          ("design",), _MODEL_BACKEND + ("introspection",), stage_itrain_control_all, native=True, control=True),
+    Stage("reports_control_first", "control: its reports on the second half", ("itrain_control_first",),
+          _INFER + _REPORTS, stage_reports_control_first, control=True),
+    Stage("reports_control_last", "control: its reports on the first half", ("itrain_control_last",),
+          _INFER + _REPORTS, stage_reports_control_last, control=True),
+    Stage("reports_control_native", "control: its reports on native scenarios", ("itrain_control_all",),
+          _INFER + _REPORTS, stage_reports_control_native, native=True, control=True),
     Stage("analysis", "the paper's table, figures", (
         "validate", "reports_base", "reports_instilled", "reports_itrained_first", "reports_itrained_last",
-        "native_choices", "reports_native_instilled", "reports_native_itrained"), ("seed",), stage_analysis),
+        "native_choices", "reports_native_instilled", "reports_native_itrained", "reports_control_first",
+        "reports_control_last", "reports_control_native"), ("seed",), stage_analysis),
     Stage("report", "report.html", ("analysis",), ("name",), stage_report),
 ]
 
@@ -814,10 +864,17 @@ def plan(cfg: RunConfig, device: Any = None) -> list[dict[str, Any]]:
         ("native_choices", n_n * cfg.n_native_trials * ecb, 0, None),
         ("reports_native_instilled", n_n * cfg.n_reports, 0, None),
         ("reports_native_itrained", n_n * cfg.n_reports, 0, None),
+        ("itrain_control_first", 0, half * cfg.n_introspection, cfg.introspection),
+        ("itrain_control_last", 0, (n_i - half) * cfg.n_introspection, cfg.introspection),
+        ("itrain_control_all", 0, n_i * cfg.n_introspection, cfg.introspection),
+        ("reports_control_first", (n_i - half) * cfg.n_reports, 0, None),
+        ("reports_control_last", half * cfg.n_reports, 0, None),
+        ("reports_control_native", n_n * cfg.n_reports, 0, None),
         ("analysis", 0, 0, None),
         ("report", 0, 0, None),
     ]
     native = {s.name for s in STAGES if s.native}
+    control = {s.name for s in STAGES if s.control}
     local = cfg.backend in ("hf", "vllm")
     sizes = prompt_sizes(cfg) if local else {}
     device = device or (est.cpu_device() if local else None)
@@ -826,7 +883,7 @@ def plan(cfg: RunConfig, device: Any = None) -> list[dict[str, Any]]:
         cfg.vllm.dtype if cfg.vllm.dtype != "auto" else ("bfloat16" if gpu else "float32"))
     out = []
     for name, calls, examples, train in rows:
-        if n_n == 0 and name in native:
+        if (n_n == 0 and name in native) or (name in control and not cfg.cross_model_control):
             continue
         kind = "choice" if name in ("validate", "native_choices") else "report_" + cfg.report_mode if calls else None
         work = est.Work(name, "none")
