@@ -720,3 +720,21 @@ def test_weights_dtype_auto_and_narrow_frozen_weights(tiny_model_dir, tmp_path, 
     assert any(d == torch.bfloat16 for n, d in dtypes.items() if n not in trained)
     losses = [x["loss"] for x in narrow.manifest["step_losses"]]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_first_layer_places_the_trained_layers(tiny_model_dir, tmp_path, method):
+    """first_layer = 0 trains the first k layers (early placement), nothing above them, not the final
+    norm; with the cache on there is nothing below to cache, and training still learns."""
+    cfg = FinetuneConfig(method=method, layers=1, first_layer=0, cache_lower_layers=True, lora_rank=4,
+                         **{**FAST, "epochs": 2})
+    res = finetune(tiny_model_dir, examples(16), None, cfg, tmp_path, progress=False)
+    trained = [n for n, p in res.model.named_parameters() if p.requires_grad]
+    assert trained and all(".layers.0." in n for n in trained), trained
+    losses = [x["loss"] for x in res.manifest["step_losses"]]
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="beyond the model's 2 decoder layers"):
+        finetune(tiny_model_dir, examples(4), None, FinetuneConfig(method=method, layers=2, first_layer=1, **FAST),
+                 tmp_path / "bad", progress=False)
+    with pytest.raises(ValueError, match="first_layer needs"):
+        FinetuneConfig(first_layer=0)

@@ -33,6 +33,9 @@ class TrainSettings(Strict):
 
     method: Literal["lora", "full"] = "lora"
     layers: Optional[int] = Field(None, ge=1, description="train only the top k decoder layers (None: all)")
+    first_layer: Optional[int] = Field(
+        None, ge=0, description="with layers = k: the first trained layer (None: the top k; 0: the first k, "
+        "early placement, which the lower-layer cache cannot speed up; i: layers i..i+k-1)")
     lora_rank: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lr: float = Field(2e-4, gt=0)
@@ -73,6 +76,12 @@ class TrainSettings(Strict):
 
     # Settings that cannot change a result: left out of stage keys.
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("checkpoint_every", "eval_every", "log_with")
+
+    @model_validator(mode="after")
+    def _placement(self) -> "TrainSettings":
+        if self.first_layer is not None and self.layers is None:
+            raise ValueError("first_layer needs layers = k (how many layers to train from it)")
+        return self
 
 
 class InstillSettings(TrainSettings):
@@ -336,6 +345,9 @@ class RunConfig(Strict):
                 instill.pop("attribute_loss")
             if instill.get("attribute_head_lr", 0) is None:
                 instill.pop("attribute_head_lr")
+        for block in ("instill", "introspection"):
+            if isinstance(out.get(block), dict) and out[block].get("first_layer", 0) is None:
+                out[block].pop("first_layer")
         for n, value in out.items():  # "auto" keys as float32, the dtype it meant before it existed
             if isinstance(value, dict) and value.get("dtype") == "auto" and n in ("instill", "introspection"):
                 value["dtype"] = "float32"

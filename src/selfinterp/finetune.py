@@ -75,6 +75,10 @@ class FinetuneConfig:
     # Embeddings and the LM head stay frozen in both methods: they are tied in the small models,
     # and training them would change the input of every layer (and defeat the cache below).
     layers: int | None = None
+    # With `layers` = k: where the k trained layers sit. None: the top k (the lower-layer cache's
+    # placement); 0: the first k (early placement: nothing below to cache, every step runs all
+    # layers); i: layers i..i+k-1. The final norm is trained only with the top k.
+    first_layer: int | None = None
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -145,6 +149,8 @@ class FinetuneConfig:
             raise ValueError(f"method must be 'lora' or 'full', not {self.method!r}")
         if self.layers is not None and self.layers < 1:
             raise ValueError("layers must be None (all) or a positive number of top layers")
+        if self.first_layer is not None and (self.layers is None or self.first_layer < 0):
+            raise ValueError("first_layer needs `layers` = k (how many layers to train from it) and must be >= 0")
         if self.cache_lower_layers and self.layers is None:
             raise ValueError("cache_lower_layers needs `layers` = k: with every layer trained there is nothing to cache")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
@@ -336,7 +342,11 @@ def _prepare_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Mod
     """Wrap with LoRA or unfreeze the selected layers; returns (model, first trained layer)."""
     n = dec.n_layers(model)
     k = n if config.layers is None else min(config.layers, n)
-    first = n - k
+    first = n - k if config.first_layer is None else config.first_layer
+    if first + k > n:
+        raise ValueError(f"first_layer {first} + layers {k} is beyond the model's {n} decoder layers; "
+                         f"use first_layer <= {n - k}")
+    trained = list(range(first, first + k))
     model.requires_grad_(False)
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -344,20 +354,21 @@ def _prepare_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Mod
         lora = LoraConfig(
             r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM",
-            layers_to_transform=list(range(first, n)) if config.layers is not None else None,
+            layers_to_transform=trained if config.layers is not None else None,
             layers_pattern="layers" if config.layers is not None else None,
         )
         model = get_peft_model(model, lora)
     else:
         backbone = dec.backbone(model)
         wide = config.dtype != "float32" and config.autocast is not None  # autocast computes in bf16 anyway
-        for layer in backbone.layers[first:]:
-            layer.requires_grad_(True)
+        for i in trained:
+            backbone.layers[i].requires_grad_(True)
             if wide:  # float32 master weights for the trained layers; AdamW on bf16 weights loses updates
-                layer.float()
-        backbone.norm.requires_grad_(True)  # the final norm sits above every trained layer
-        if wide:
-            backbone.norm.float()
+                backbone.layers[i].float()
+        if first + k == n:  # the final norm sits right above the top trained layer
+            backbone.norm.requires_grad_(True)
+            if wide:
+                backbone.norm.float()
     return model, first
 
 

@@ -901,7 +901,8 @@ def plan(cfg: RunConfig, device: Any = None) -> list[dict[str, Any]]:
             big = (est.find_shape(cfg.model) or est.KNOWN_SHAPES["smollm2-135m"]).params > 1e9
             ckpt = train.gradient_checkpointing if train.gradient_checkpointing is not None else (gpu and big)
             work = est.Work(name, "train", examples, tokens, epochs=train.epochs, method=train.method,
-                            layers=train.layers, lora_rank=train.lora_rank, cached=train.cache_lower_layers,
+                            layers=train.layers, lora_rank=train.lora_rank,
+                            cached=train.cache_lower_layers and train.first_layer != 0,  # early: nothing below
                             batch_size=max(1, train.batch_size // train.grad_accum), checkpointing=ckpt,
                             dtype=train.dtype if train.dtype != "auto" else ("bfloat16" if gpu else "float32"),
                             autocast=train.autocast, cache_dtype=train.cache_dtype)
