@@ -150,3 +150,18 @@ def test_dry_run_prints_the_estimate_and_its_basis():
     assert res.exit_code == 1 and "--device nope: unknown device" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["run", "--preset", "simulated", "--device", "h100-80gb"])
     assert res.exit_code == 1 and "--device sets the device of a --dry-run estimate" in res.output
+
+
+def test_a_cpu_without_native_bf16_is_estimated_in_float32():
+    """The trainer drops bf16 autocast on a CPU that would emulate it; the plan does likewise, and
+    float32 training is estimated at the reference's bf16 rate / 1.8."""
+    from dataclasses import replace
+
+    dev = est.Device("test cpu", "cpu", 24, cores=2)
+    assert est.rate_for("train", dev, "m", "float32").flops == pytest.approx(
+        est.REFERENCE_RATES["train"] / est.BF16_SCORE_SPEEDUP_CPU)
+    assert est.rate_for("train", dev, "m", "bfloat16").flops == pytest.approx(est.REFERENCE_RATES["train"])
+    cfg = config.build("cpu")
+    works = {native: {r["stage"]: r["work"] for r in run.plan(cfg, replace(dev, native_bf16=native))}
+             for native in (True, False)}
+    assert works[True]["instill"].autocast == "bfloat16" and works[False]["instill"].autocast is None

@@ -547,9 +547,9 @@ def _bf16_ok(device: torch.device) -> bool:
     in float32 (the cpu preset's lower-layer cache: ETA 2.5 h instead of 12 min)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)  # private probes; a torch without them is treated as lacking it
-    probes = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(f()) for f in probes if callable(f))
+    from .estimate import cpu_native_bf16
+
+    return cpu_native_bf16()
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:

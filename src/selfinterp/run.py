@@ -905,7 +905,9 @@ def plan(cfg: RunConfig, device: Any = None) -> list[dict[str, Any]]:
                             cached=train.cache_lower_layers and train.first_layer != 0,  # early: nothing below
                             batch_size=max(1, train.batch_size // train.grad_accum), checkpointing=ckpt,
                             dtype=train.dtype if train.dtype != "auto" else ("bfloat16" if gpu else "float32"),
-                            autocast=train.autocast, cache_dtype=train.cache_dtype)
+                            # the trainer drops bf16 autocast where the CPU would emulate it
+                            autocast=train.autocast if gpu or device.native_bf16 else None,
+                            cache_dtype=train.cache_dtype)
         out.append({"stage": name, "model_calls": calls, "call_kind": kind or "", "training_examples": examples,
                     "epochs": train.epochs if train is not None else 0, "est_seconds": 0.0, "est_gib": 0.0,
                     "work": work})
