@@ -346,3 +346,16 @@ def test_expected_reports_parse_and_do_not_depend_on_the_forward_path(sharp_mode
         assert list(json.loads(r.text)) == list(expected)
         assert all(-100 <= v <= 100 for v in r.weights.values()) and all(v >= 0 for v in r.sd.values())
         assert a.weights == pytest.approx(r.weights, abs=1e-3) and a.sd == pytest.approx(r.sd, abs=1e-3)
+
+
+def test_a_backend_around_a_model_in_memory_reports_as_a_loaded_one(backend, bank):
+    from selfinterp.backends.hf import HFBackend
+
+    s = bank[0]
+    p = sample_pairs(s, 1, seed=0)[0]
+    chat = [prompts.introspection_chat(s, p.a, p.b)]
+    side = backend.tokenizer.padding_side
+    around = HFBackend.around(backend.model, backend.tokenizer)
+    assert around.expected_reports(chat, [s.attribute_names])[0].weights == pytest.approx(
+        backend.expected_reports(chat, [s.attribute_names])[0].weights, abs=1e-4)
+    assert backend.tokenizer.padding_side == side

@@ -738,3 +738,22 @@ def test_first_layer_places_the_trained_layers(tiny_model_dir, tmp_path, method)
                  tmp_path / "bad", progress=False)
     with pytest.raises(ValueError, match="first_layer needs"):
         FinetuneConfig(first_layer=0)
+
+
+def test_evaluator_joins_the_evaluations_and_changes_nothing(tiny_model_dir, tmp_path):
+    """An evaluator's numbers are recorded at every evaluation (eval_every and epoch ends) with the
+    model in eval mode, and the training is the same computation as without it."""
+    seen = []
+
+    def evaluator(model, tok):
+        seen.append(model.training)
+        return {"probe": float(sum(p.sum() for p in model.parameters() if p.requires_grad))}
+
+    cfg = FinetuneConfig(method="full", layers=1, eval_every=1, **{**FAST, "epochs": 1})
+    runs = {name: finetune(tiny_model_dir, examples(16), examples(4), cfg, tmp_path / name, progress=False,
+                           evaluator=ev) for name, ev in (("with", evaluator), ("without", None))}
+    evals = runs["with"].manifest["evals"]
+    assert len(evals) == len(seen) >= 2 and not any(seen)
+    assert all("probe" in e for e in evals) and len({e["probe"] for e in evals}) == len(evals)
+    losses = {n: [x["loss"] for x in r.manifest["step_losses"]] for n, r in runs.items()}
+    assert losses["with"] == losses["without"]

@@ -24,7 +24,7 @@ def hf_run(tiny_model_dir, tmp_path_factory):
     cfg = config.build("smoke", overrides=dict(
         model=str(tiny_model_dir), model_label="tiny", n_instilled=4, n_native=2, n_train=8, n_val=2,
         n_eval_trials=6, n_native_trials=6, eval_counterbalance=True, n_reports=2, n_introspection=2, batch_size=8,
-        instill=train, introspection={**train, "method": "full"}))
+        instill=train, introspection={**train, "method": "full"}, report_curves=True))
     root = tmp_path_factory.mktemp("hf-run")
     results = Run(cfg, root, progress=False).execute()
     return root, results
@@ -48,6 +48,20 @@ def test_every_stage_finishes_with_its_artifacts(hf_run):
     assert states["instill"]["summary"]["steps"] >= 1 and states["instill"]["summary"]["final_loss"] is not None
     assert (root / "report.html").read_text().count("<table") >= 3
     assert "tiny" in results["models"]
+
+
+def test_report_curves_are_recorded_and_plotted(hf_run):
+    """report_curves: each training's evaluations carry the r of expected-value reports (trained and
+    held-out fold; instillation: against the instilled weights), and the report plots them."""
+    root, _ = hf_run
+    evals = {w: json.loads((root / "models" / w / "manifest.json").read_text())["evals"]
+             for w in ("instilled", "itrained_first", "itrained_last", "itrained_all")}
+    assert all("report_r_instilled" in e for e in evals["instilled"]) and evals["instilled"]
+    for w in ("itrained_first", "itrained_last"):
+        assert evals[w] and all({"report_r_trained", "report_r_heldout"} <= set(e) for e in evals[w])
+        assert all(-1 <= e["report_r_heldout"] <= 1 for e in evals[w])
+    assert (root / "analysis" / "report_curves.png").exists()
+    assert "report accuracy over training" in (root / "report.html").read_text()
 
 
 def test_choices_are_probabilities_in_the_papers_layout(hf_run):

@@ -245,6 +245,11 @@ class RunConfig(Strict):
         False, description="also give the base model (never instilled) the same introspection training on each "
         "fold and compare its held-out reports with the instilled model's learned weights: reports that come "
         "from the scenario text, not from the model's own weights, do as well there")
+    report_curves: bool = Field(
+        False, description="at each of the trainer's evaluations (eval_every, epoch ends; hf trainer) record report "
+        "accuracy: one expected-value report per scenario, r against the learned weights on the trained and the "
+        "held-out fold (instillation: against the instilled weights); plotted in report.html. Does not change "
+        "training; set it before the training stages run")
     report_max_new_tokens: int = Field(96, ge=8)
     report_temperature: float = Field(0.0, ge=0)
     n_introspection: int = Field(50, ge=1, description="introspection-training examples per scenario")
@@ -293,6 +298,8 @@ class RunConfig(Strict):
             raise ValueError("introspection.batching: introspection examples are not A/B pairs; use 'auto' or 'shuffle'")
         if self.backend == "simulated" and self.report_mode == "constrained":
             raise ValueError("report_mode 'constrained' needs a model backend; the simulated one reports freely")
+        if self.report_curves and (self.backend != "hf" or trainer != "hf"):
+            raise ValueError("report_curves reads the model while it trains: it needs backend 'hf' and the hf trainer")
         if self.report_mode == "expected" and self.backend not in ("hf", "simulated"):
             raise ValueError(f"report_mode 'expected' reads the model's probabilities of every number, which the "
                              f"{self.backend} backend does not give; use backend 'hf', or report_mode 'constrained'")

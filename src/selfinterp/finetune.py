@@ -766,13 +766,18 @@ def _latest_checkpoint(out_dir: Path) -> Path | None:
 def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]],
              val: str | Path | Iterable[dict[str, Any]] | None, config: FinetuneConfig, out_dir: str | Path,
              resume: bool = True, progress: bool = True,
-             callback: Callable[[dict[str, Any]], None] | None = None) -> FinetunedModel:
+             callback: Callable[[dict[str, Any]], None] | None = None,
+             evaluator: Callable[[nn.Module, Any], dict[str, float]] | None = None) -> FinetunedModel:
     """Fine-tune ``base_model`` on ``train`` and write the result to ``out_dir``.
 
     ``base_model``: an HF model directory or hub id, or a ``.gguf`` file. ``train``/``val``:
     lists of {"messages": [...]} or JSONL paths. With ``resume`` an interrupted run continues
     from its last checkpoint (same config and data required) and a finished run is returned as
     is. ``callback`` receives each optimizer step's log record (raise in it to stop a run).
+    ``evaluator(model, tokenizer)`` runs at every evaluation (``eval_every`` and each epoch's end)
+    on the model as it is, in eval mode and without gradients, on the main process; its numbers
+    join that evaluation's record in the manifest's ``evals`` (e.g. report accuracy over training).
+    It must not draw random numbers or change the model: training goes on exactly as without it.
     Under ``accelerate launch`` every process calls this; rank 0 writes the files.
     """
     from accelerate import Accelerator
@@ -981,8 +986,14 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
     cand = torch.tensor(candidates, device=device) if 2 <= len(candidates) <= 16 else None
 
     def evaluate() -> dict[str, float | None]:
+        extra: dict[str, float] = {}
+        if evaluator is not None and main:
+            model.eval()
+            with torch.no_grad(), _autocast(config, device):
+                extra = dict(evaluator(accelerator.unwrap_model(model), tok))
+            model.train()
         if not val_ex:
-            return {"val_loss": None, "val_accuracy": None}
+            return {"val_loss": None, "val_accuracy": None, **extra}
         model.eval()
         tot = torch.zeros(4, device=device)  # loss sum, supervised tokens, correct, examples
         with torch.no_grad():
@@ -1000,7 +1011,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
         tot = accelerator.reduce(tot, reduction="sum")
         model.train()
         return {"val_loss": (tot[0] / tot[1]).item(),
-                "val_accuracy": (tot[2] / tot[3]).item() if cand is not None else None}
+                "val_accuracy": (tot[2] / tot[3]).item() if cand is not None else None, **extra}
 
     def should_stop() -> bool:
         """Early stopping: no better held-out score in the last `early_stop_patience` evaluations."""
@@ -1065,9 +1076,9 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
                 record["attribute_loss"] = (step_sum[2] / step_sum[1]).item()
             state["step_losses"].append(record)
             if config.eval_every and state["step"] % config.eval_every == 0 and state["step"] < total_steps:
-                record.update(evaluate())
-                state.setdefault("evals", []).append({"step": state["step"], **{k: record[k] for k in
-                                                      ("val_loss", "val_accuracy")}})
+                ev = evaluate()
+                record.update(ev)
+                state.setdefault("evals", []).append({"step": state["step"], **ev})
             if bar:
                 last = state.get("evals", [{}])[-1].get("val_accuracy")
                 bar.update(task, advance=1, info=f"epoch {epoch + 1}/{config.epochs} loss {record['loss']:.4f}"

@@ -122,6 +122,14 @@ def write_report(run) -> Path:
     loss_png = _loss_plot(run, states)
     if loss_png is not None:
         parts.append(_img(loss_png, "training loss per step and held-out accuracy"))
+    curve_png = _report_curve_plot(run)
+    if curve_png is not None:
+        parts.append(_img(curve_png, "report accuracy over training"))
+        parts.append("<p>Report accuracy over training (<code>report_curves</code>): at each of the trainer's "
+                     "evaluations, one expected-value report per scenario; r against the learned weights on the "
+                     "fold a model was trained on (trained) and on the other (held-out), and during instillation "
+                     "against the instilled weights. A trained-fold curve that rises while the held-out one does "
+                     "not is memorisation.</p>")
 
     # -- diagnostics
     parts.append("<h2>Instillation</h2>")
@@ -203,6 +211,41 @@ def _estimate_device(run) -> str:
         return str(json.loads(run.path("estimate.json").read_text())["device"])
     except (OSError, ValueError, KeyError, TypeError):
         return "this machine"
+
+
+def _report_curve_plot(run) -> Path | None:
+    """r of expected-value reports at each evaluation, per fine-tuned model and scenario set."""
+    series = {}
+    for which in ("instilled", "itrained_first", "itrained_last", "itrained_all"):
+        mf = run.root / "models" / which / "manifest.json"
+        if not mf.exists():
+            continue
+        evals = json.loads(mf.read_text()).get("evals", [])
+        for key in sorted({k for e in evals for k in e if k.startswith("report_r_")}):
+            pts = [(e["step"], e[key]) for e in evals if e.get(key) is not None]
+            if pts:
+                series[f"{which}: {key.removeprefix('report_r_')}"] = pts
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for name, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1,
+                ls="--" if name.endswith(("trained", "instilled")) else "-", label=name)
+    ax.axhline(0.0, color="grey", ls=":", lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("r (expected-value reports)")
+    ax.set_ylim(-1, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = run.root / "analysis" / "report_curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _loss_plot(run, states: dict) -> Path | None:

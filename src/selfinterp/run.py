@@ -316,8 +316,13 @@ class Run:
                              progress=False)
         return HFBackend(str(materialise(out)), batch_size=cfg.batch_size, progress=False)
 
-    def train(self, which: str, base: str, data: str, val: str | None, settings) -> dict:
-        """Fine-tune ``base`` ("base" or a fine-tuned model's name) into models/<which>."""
+    def train(self, which: str, base: str, data: str, val: str | None, settings,
+              curves: dict[str, tuple[list[Scenario], dict[str, np.ndarray]]] | None = None) -> dict:
+        """Fine-tune ``base`` ("base" or a fine-tuned model's name) into models/<which>.
+
+        ``curves`` (hf trainer, with ``report_curves``): name -> (scenarios, the weights their
+        reports should match); at each of the trainer's evaluations every scenario gets one
+        expected-value report, and its r is recorded as ``report_r_<name>`` in the manifest."""
         out = self.model_dir(which)
         train_path = self.path("datasets", data)
         val_path = self.path("datasets", val) if val else None
@@ -343,7 +348,9 @@ class Run:
         if fields["batching"] == "auto":  # counterbalanced decisions come as adjacent A/B-swapped pairs
             fields["batching"] = "pairs" if self.cfg.counterbalance and data.startswith("instill") else "shuffle"
         fc = ft.FinetuneConfig(**fields, seed=self.cfg.seed)
-        result = ft.finetune(base_path, train_path, val_path, fc, out, resume=True, progress=self.progress)
+        evaluator = _report_curve_evaluator(self, curves) if curves and self.cfg.report_curves else None
+        result = ft.finetune(base_path, train_path, val_path, fc, out, resume=True, progress=self.progress,
+                             evaluator=evaluator)
         m = result.manifest
         result.model = None  # the weights are on disk: free the device for the next stage's model or engine
         ft.release_memory()
@@ -610,9 +617,46 @@ def stage_design(run: Run) -> dict:
     return {"n_instilled": len(instilled), "n_native": len(native), "datasets": counts}
 
 
+def _report_curve_evaluator(run: Run, sets: dict[str, tuple[list[Scenario], dict[str, np.ndarray]]]):
+    """The trainer's evaluator for ``report_curves``: per set, one expected-value report per
+    scenario (a pair of its own, the same at every evaluation) and r against the set's weights."""
+    pairs = {s.id: design.sample_pairs(s, 1, run.cfg.seed, "curve")[0] for scens, _ in sets.values() for s in scens}
+
+    def evaluate(model, tokenizer) -> dict[str, float]:
+        from .backends.hf import HFBackend
+
+        backend = HFBackend.around(model, tokenizer, batch_size=run.cfg.batch_size)
+        out = {}
+        for name, (scens, weights) in sets.items():
+            scens = [s for s in scens if s.id in weights]
+            if len(scens) < 2:
+                continue
+            reps = backend.expected_reports([prompts.introspection_chat(s, pairs[s.id].a, pairs[s.id].b) for s in scens],
+                                            [s.attribute_names for s in scens])
+            x = np.array([[r.weights[n] for n in s.attribute_names] for r, s in zip(reps, scens)])
+            out[f"report_r_{name}"] = stats.pearson(x, np.array([weights[s.id] for s in scens]))
+        return out
+
+    return evaluate
+
+
+def _learned(run: Run) -> dict[str, np.ndarray]:
+    """The instilled model's learned weights (from the validate stage's choices)."""
+    ranges = layout.read_ranges(run.path("scenarios.json"), 5)
+    return analysis.learn(layout.read_choices(run.path(f"{run.label}_instilled_selections.csv"), 5), ranges).weights
+
+
+def _fold_curves(run: Run, trained: list[Scenario], heldout: list[Scenario]) -> dict | None:
+    if not run.cfg.report_curves:
+        return None
+    learned = _learned(run)
+    return {"trained": (trained, learned), "heldout": (heldout, learned)}
+
+
 def stage_instill(run: Run) -> dict:
+    curves = {"instilled": (run.design["instilled"], run.design["weights"])} if run.cfg.report_curves else None
     return run.train("instilled", "base", "instill_train.jsonl",
-                     "instill_val.jsonl" if run.cfg.n_val else None, run.cfg.instill)
+                     "instill_val.jsonl" if run.cfg.n_val else None, run.cfg.instill, curves)
 
 
 def stage_validate(run: Run) -> dict:
@@ -661,15 +705,21 @@ def _halves(run: Run) -> tuple[list[Scenario], list[Scenario]]:
 
 
 def stage_itrain_first(run: Run) -> dict:
-    return run.train("itrained_first", "instilled", "introspection_first_half.jsonl", None, run.cfg.introspection)
+    first, second = _halves(run)
+    return run.train("itrained_first", "instilled", "introspection_first_half.jsonl", None, run.cfg.introspection,
+                     _fold_curves(run, first, second))
 
 
 def stage_itrain_last(run: Run) -> dict:
-    return run.train("itrained_last", "instilled", "introspection_second_half.jsonl", None, run.cfg.introspection)
+    first, second = _halves(run)
+    return run.train("itrained_last", "instilled", "introspection_second_half.jsonl", None, run.cfg.introspection,
+                     _fold_curves(run, second, first))
 
 
 def stage_itrain_all(run: Run) -> dict:
-    return run.train("itrained_all", "instilled", "introspection_all.jsonl", None, run.cfg.introspection)
+    # Native scenarios' learned weights come later (native_choices): the curve is on the trained ones.
+    curves = {"trained": (run.design["instilled"], _learned(run))} if run.cfg.report_curves else None
+    return run.train("itrained_all", "instilled", "introspection_all.jsonl", None, run.cfg.introspection, curves)
 
 
 def _fold_name(run: Run, which: str) -> str:

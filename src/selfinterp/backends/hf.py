@@ -161,6 +161,30 @@ class HFBackend:
             "manifest": models.read_manifest(self.model_name) if self.model_name in models.REGISTRY else None,
         }
 
+    @classmethod
+    def around(cls, model: Any, tokenizer: Any, batch_size: int = 16) -> "HFBackend":
+        """A backend for a model already in memory (e.g. one in training, for reports at its
+        evaluations): no loading, no head hook, the model's own device and dtype; the tokenizer is
+        a copy, so its padding side and pad token are not changed for its owner."""
+        import copy
+
+        self = cls.__new__(cls)
+        self.model_name, self.adapter = "in-memory", None
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.head_dtype = self.dtype
+        self.batch_size, self.progress, self.share_prefix = batch_size, False, True
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = model
+        self.system_role = supports_system(self.tokenizer)
+        self.answer_ids = answer_token_ids(self.tokenizer, self.render(prompts.chat("Respond with A or B.")))
+        self._number_vocab, self._tree = None, None
+        self.info = {"backend": "hf", "model": "in-memory", "device": str(self.device)}
+        return self
+
     def _load(self, path: Path | str) -> tuple[Any, Any]:
         """(model, tokenizer): the base model, plus the adapter if any. An adapter is a peft
         adapter directory, or an output directory of :func:`selfinterp.finetune.finetune`
