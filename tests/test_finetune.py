@@ -757,3 +757,27 @@ def test_evaluator_joins_the_evaluations_and_changes_nothing(tiny_model_dir, tmp
     assert all("probe" in e for e in evals) and len({e["probe"] for e in evals}) == len(evals)
     losses = {n: [x["loss"] for x in r.manifest["step_losses"]] for n, r in runs.items()}
     assert losses["with"] == losses["without"]
+
+
+def test_keep_best_returns_the_best_evaluations_weights(tiny_model_dir, tmp_path):
+    """keep_best: the result is the model of the evaluation with the highest score (here the
+    second of several), loaded back exactly; the manifest says which."""
+    from selfinterp.finetune import load_finetuned
+
+    calls = []
+
+    def evaluator(model, tok):
+        probe = float(sum(p.double().sum() for p in model.parameters() if p.requires_grad))
+        calls.append(probe)
+        return {"probe": probe, "score": -float((len(calls) - 2) ** 2)}
+
+    cfg = FinetuneConfig(method="full", layers=1, eval_every=1, keep_best="score", **{**FAST, "epochs": 1})
+    res = finetune(tiny_model_dir, examples(24), None, cfg, tmp_path, progress=False, evaluator=evaluator)
+    evals = res.manifest["evals"]
+    assert len(evals) >= 3 and res.manifest["kept"]["step"] == evals[1]["step"]
+    model, _ = load_finetuned(res.path)
+    trained = {n for n, p in res.model.named_parameters() if p.requires_grad}
+    kept = float(sum(p.double().sum() for n, p in model.named_parameters() if n in trained))
+    assert kept == pytest.approx(calls[1], rel=1e-9) and kept != pytest.approx(calls[-1], rel=1e-9)
+    with pytest.raises(ValueError, match="evaluator"):
+        finetune(tiny_model_dir, examples(4), None, cfg, tmp_path / "none", progress=False)

@@ -24,7 +24,7 @@ def hf_run(tiny_model_dir, tmp_path_factory):
     cfg = config.build("smoke", overrides=dict(
         model=str(tiny_model_dir), model_label="tiny", n_instilled=4, n_native=2, n_train=8, n_val=2,
         n_eval_trials=6, n_native_trials=6, eval_counterbalance=True, n_reports=2, n_introspection=2, batch_size=8,
-        instill=train, introspection={**train, "method": "full"}, report_curves=True))
+        instill=train, introspection={**train, "method": "full"}, report_curves=True, introspection_stop="inner_r"))
     root = tmp_path_factory.mktemp("hf-run")
     results = Run(cfg, root, progress=False).execute()
     return root, results
@@ -61,6 +61,14 @@ def test_report_curves_are_recorded_and_plotted(hf_run):
         assert evals[w] and all({"report_r_trained", "report_r_heldout"} <= set(e) for e in evals[w])
         assert all(-1 <= e["report_r_heldout"] <= 1 for e in evals[w])
     assert (root / "analysis" / "report_curves.png").exists()
+    # introspection_stop 'inner_r': one of each fold's 2 scenarios left out of its training and used
+    # to choose the model kept.
+    rows = (root / "datasets" / "introspection_first_half.inner_train.jsonl").read_text().splitlines()
+    assert len(rows) == 2  # 1 scenario x n_introspection 2
+    for w in ("itrained_first", "itrained_last", "itrained_all"):
+        m = json.loads((root / "models" / w / "manifest.json").read_text())
+        assert m["kept"]["key"] == "report_r_inner" and all("report_r_inner" in e for e in m["evals"])
+        assert m["kept"]["value"] == max(e["report_r_inner"] for e in m["evals"])
     assert "report accuracy over training" in (root / "report.html").read_text()
 
 

@@ -250,6 +250,12 @@ class RunConfig(Strict):
         "accuracy: one expected-value report per scenario, r against the learned weights on the trained and the "
         "held-out fold (instillation: against the instilled weights); plotted in report.html. Does not change "
         "training; set it before the training stages run")
+    introspection_stop: Literal["end", "inner_r"] = Field(
+        "end", description="which introspection-trained model to keep: the last step's (the paper), or the one "
+        "whose expected-value reports track the learned weights best on an inner split of the training fold "
+        "(inner_fraction of its scenarios, left out of its training; never the test fold); hf trainer")
+    inner_fraction: float = Field(0.2, gt=0, lt=1, description="introspection_stop 'inner_r': the share of the "
+                                  "training fold's scenarios held out to choose the stopping point")
     report_max_new_tokens: int = Field(96, ge=8)
     report_temperature: float = Field(0.0, ge=0)
     n_introspection: int = Field(50, ge=1, description="introspection-training examples per scenario")
@@ -298,6 +304,9 @@ class RunConfig(Strict):
             raise ValueError("introspection.batching: introspection examples are not A/B pairs; use 'auto' or 'shuffle'")
         if self.backend == "simulated" and self.report_mode == "constrained":
             raise ValueError("report_mode 'constrained' needs a model backend; the simulated one reports freely")
+        if self.introspection_stop == "inner_r" and (self.backend != "hf" or trainer != "hf"):
+            raise ValueError("introspection_stop 'inner_r' reads the model while it trains: it needs backend 'hf' "
+                             "and the hf trainer")
         if self.report_curves and (self.backend != "hf" or trainer != "hf"):
             raise ValueError("report_curves reads the model while it trains: it needs backend 'hf' and the hf trainer")
         if self.report_mode == "expected" and self.backend not in ("hf", "simulated"):
@@ -358,6 +367,9 @@ class RunConfig(Strict):
         for n, value in out.items():  # "auto" keys as float32, the dtype it meant before it existed
             if isinstance(value, dict) and value.get("dtype") == "auto" and n in ("instill", "introspection"):
                 value["dtype"] = "float32"
+        if out.get("introspection_stop") == "end":  # the default: keys of runs that predate the setting
+            out.pop("introspection_stop")
+            out.pop("inner_fraction", None)
         simulated = out.get("simulated")
         if isinstance(simulated, dict) and simulated.get("report_access") == 1.0:
             simulated.pop("report_access")

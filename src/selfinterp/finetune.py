@@ -59,6 +59,7 @@ ADAPTER_DIR = "adapter"  # peft save_pretrained output (method "lora")
 TRAINED_WEIGHTS = "trained.safetensors"  # the trained parameters (method "full")
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS = "checkpoints"
+BEST_DIR = "best"  # keep_best: the trainable weights of the best evaluation so far
 
 # Attention and MLP projections of Llama/Qwen/Mistral/Gemma-style decoders.
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -137,6 +138,10 @@ class FinetuneConfig:
     # Stop when `early_stop_patience` evaluations in a row brought no better held-out accuracy
     # (validation loss where there is no accuracy). Off by default: the schedule is then cut short.
     early_stop_patience: int | None = None
+    # The key of an evaluator's number (see finetune's `evaluator`) to maximise: the trainable
+    # weights of its best evaluation are the result, not the last step's (e.g. report accuracy on
+    # an inner split of the training scenarios). None: the last step's.
+    keep_best: str | None = None
     # Also send losses and evaluations to accelerate's trackers ("tensorboard", "wandb", ...),
     # written under out_dir/trackers; None: the manifest only.
     log_with: str | None = None
@@ -780,6 +785,8 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
     It must not draw random numbers or change the model: training goes on exactly as without it.
     Under ``accelerate launch`` every process calls this; rank 0 writes the files.
     """
+    if config.keep_best and evaluator is None:
+        raise ValueError(f"keep_best={config.keep_best!r} maximises an evaluator's number: pass evaluator=")
     from accelerate import Accelerator
     from safetensors.torch import load_file, save_file
 
@@ -992,6 +999,13 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             with torch.no_grad(), _autocast(config, device):
                 extra = dict(evaluator(accelerator.unwrap_model(model), tok))
             model.train()
+            value = extra.get(config.keep_best) if config.keep_best else None
+            if value is not None and math.isfinite(value) and value > state.get("best", {}).get("value", -math.inf):
+                best = out_dir / BEST_DIR
+                best.mkdir(parents=True, exist_ok=True)
+                save_file(_trainable_state(model), str(best / "trainable.safetensors.tmp"))
+                os.replace(best / "trainable.safetensors.tmp", best / "trainable.safetensors")
+                state["best"] = {"step": state["step"], "key": config.keep_best, "value": value}
         if not val_ex:
             return {"val_loss": None, "val_accuracy": None, **extra}
         model.eval()
@@ -1098,7 +1112,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
         ep_steps = [r["loss"] for r in state["step_losses"] if r["epoch"] == epoch + 1]
         ev = evaluate()
         state["epoch_losses"].append({"epoch": epoch + 1, "train_loss": float(np.mean(ep_steps)), **ev})
-        if config.eval_every:
+        if config.eval_every or evaluator is not None:
             state.setdefault("evals", []).append({"step": state["step"], **ev})
         save_checkpoint()
     if bar:
@@ -1110,6 +1124,8 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
     # atomically: its presence marks a finished run)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if state.get("best"):  # keep_best: the best evaluation's weights are the result
+            _load_trainable_state(model, load_file(str(out_dir / BEST_DIR / "trainable.safetensors")))
         if config.method == "lora":
             tmp = out_dir / (ADAPTER_DIR + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1141,6 +1157,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             "val_loss": state["epoch_losses"][-1]["val_loss"] if state["epoch_losses"] else None,
             "val_accuracy": state["epoch_losses"][-1].get("val_accuracy") if state["epoch_losses"] else None,
             "evals": state.get("evals", []),
+            "kept": state.get("best"),  # keep_best: the evaluation whose weights these are
             "stopped_early_at": state.get("stopped_early"),
             "cache_seconds": cache_seconds,
             "wall_seconds": wall_before + time.time() - t_start,

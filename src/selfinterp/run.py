@@ -25,6 +25,7 @@ resumes without repeating them, and fine-tuning resumes from its last checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -348,7 +349,9 @@ class Run:
         if fields["batching"] == "auto":  # counterbalanced decisions come as adjacent A/B-swapped pairs
             fields["batching"] = "pairs" if self.cfg.counterbalance and data.startswith("instill") else "shuffle"
         fc = ft.FinetuneConfig(**fields, seed=self.cfg.seed)
-        evaluator = _report_curve_evaluator(self, curves) if curves and self.cfg.report_curves else None
+        evaluator = _report_curve_evaluator(self, curves) if curves else None
+        if curves and "inner" in curves:  # the model kept is the best on the inner split
+            fc = dataclasses.replace(fc, keep_best="report_r_inner")
         result = ft.finetune(base_path, train_path, val_path, fc, out, resume=True, progress=self.progress,
                              evaluator=evaluator)
         m = result.manifest
@@ -629,7 +632,7 @@ def _report_curve_evaluator(run: Run, sets: dict[str, tuple[list[Scenario], dict
         out = {}
         for name, (scens, weights) in sets.items():
             scens = [s for s in scens if s.id in weights]
-            if len(scens) < 2:
+            if not scens:  # r over the cells of even one scenario is defined (k attributes)
                 continue
             reps = backend.expected_reports([prompts.introspection_chat(s, pairs[s.id].a, pairs[s.id].b) for s in scens],
                                             [s.attribute_names for s in scens])
@@ -646,11 +649,38 @@ def _learned(run: Run) -> dict[str, np.ndarray]:
     return analysis.learn(layout.read_choices(run.path(f"{run.label}_instilled_selections.csv"), 5), ranges).weights
 
 
-def _fold_curves(run: Run, trained: list[Scenario], heldout: list[Scenario]) -> dict | None:
-    if not run.cfg.report_curves:
+def _inner_split(run: Run, scenarios: list[Scenario]) -> tuple[list[Scenario], list[Scenario]]:
+    """introspection_stop 'inner_r': (inner training, inner validation) scenarios of a training fold,
+    a seeded choice of inner_fraction of them (at least one) for validation."""
+    k = max(1, round(run.cfg.inner_fraction * len(scenarios)))
+    if len(scenarios) - k < 1:
+        raise ValueError(f"introspection_stop 'inner_r': a fold of {len(scenarios)} scenario(s) cannot spare "
+                         f"{k} for the inner split; use more instilled scenarios")
+    pick = set(random.Random(f"{run.cfg.seed}:inner:{scenarios[0].id}").sample([s.id for s in scenarios], k))
+    return [s for s in scenarios if s.id not in pick], [s for s in scenarios if s.id in pick]
+
+
+def _introspection_data(run: Run, name: str, trained: list[Scenario]) -> tuple[str, list[Scenario], list[Scenario]]:
+    """The fold's training file, and its (trained, inner) scenarios: with introspection_stop
+    'inner_r' the inner scenarios' examples are left out (a file of their own under datasets/)."""
+    if run.cfg.introspection_stop != "inner_r":
+        return name, trained, []
+    fit, inner = _inner_split(run, trained)
+    sub = name.replace(".jsonl", ".inner_train.jsonl")
+    rows = design.introspection_examples(fit, run.design["weights"], run.cfg.n_introspection, run.cfg.seed)
+    design.write_jsonl(run.path("datasets", sub), rows)
+    run.output(run.path("datasets", sub))
+    return sub, fit, inner
+
+
+def _fold_curves(run: Run, trained: list[Scenario], heldout: list[Scenario], inner: list[Scenario]) -> dict | None:
+    if not (run.cfg.report_curves or inner):
         return None
     learned = _learned(run)
-    return {"trained": (trained, learned), "heldout": (heldout, learned)}
+    sets = {"trained": (trained, learned), "heldout": (heldout, learned)}
+    if inner:
+        sets["inner"] = (inner, learned)
+    return sets
 
 
 def stage_instill(run: Run) -> dict:
@@ -706,20 +736,25 @@ def _halves(run: Run) -> tuple[list[Scenario], list[Scenario]]:
 
 def stage_itrain_first(run: Run) -> dict:
     first, second = _halves(run)
-    return run.train("itrained_first", "instilled", "introspection_first_half.jsonl", None, run.cfg.introspection,
-                     _fold_curves(run, first, second))
+    data, fit, inner = _introspection_data(run, "introspection_first_half.jsonl", first)
+    return run.train("itrained_first", "instilled", data, None, run.cfg.introspection,
+                     _fold_curves(run, fit, second, inner))
 
 
 def stage_itrain_last(run: Run) -> dict:
     first, second = _halves(run)
-    return run.train("itrained_last", "instilled", "introspection_second_half.jsonl", None, run.cfg.introspection,
-                     _fold_curves(run, second, first))
+    data, fit, inner = _introspection_data(run, "introspection_second_half.jsonl", second)
+    return run.train("itrained_last", "instilled", data, None, run.cfg.introspection,
+                     _fold_curves(run, fit, first, inner))
 
 
 def stage_itrain_all(run: Run) -> dict:
-    # Native scenarios' learned weights come later (native_choices): the curve is on the trained ones.
-    curves = {"trained": (run.design["instilled"], _learned(run))} if run.cfg.report_curves else None
-    return run.train("itrained_all", "instilled", "introspection_all.jsonl", None, run.cfg.introspection, curves)
+    # Native scenarios' learned weights come later (native_choices): no held-out curve here.
+    data, fit, inner = _introspection_data(run, "introspection_all.jsonl", run.design["instilled"])
+    curves = _fold_curves(run, fit, [], inner)
+    if curves:
+        curves.pop("heldout")
+    return run.train("itrained_all", "instilled", data, None, run.cfg.introspection, curves)
 
 
 def _fold_name(run: Run, which: str) -> str:
@@ -762,16 +797,27 @@ def stage_reports_native_itrained(run: Run) -> dict:
 # *instilled* model's learned weights. If it does as well, the reports follow the scenario text,
 # not the reporting model's own weights.
 
+# With introspection_stop 'inner_r' the control is stopped by the same rule (its inner-split reports
+# against the instilled model's learned weights).
+
 def stage_itrain_control_first(run: Run) -> dict:
-    return run.train("control_first", "base", "introspection_first_half.jsonl", None, run.cfg.introspection)
+    first, second = _halves(run)
+    data, fit, inner = _introspection_data(run, "introspection_first_half.jsonl", first)
+    return run.train("control_first", "base", data, None, run.cfg.introspection, _fold_curves(run, fit, second, inner))
 
 
 def stage_itrain_control_last(run: Run) -> dict:
-    return run.train("control_last", "base", "introspection_second_half.jsonl", None, run.cfg.introspection)
+    first, second = _halves(run)
+    data, fit, inner = _introspection_data(run, "introspection_second_half.jsonl", second)
+    return run.train("control_last", "base", data, None, run.cfg.introspection, _fold_curves(run, fit, first, inner))
 
 
 def stage_itrain_control_all(run: Run) -> dict:
-    return run.train("control_all", "base", "introspection_all.jsonl", None, run.cfg.introspection)
+    data, fit, inner = _introspection_data(run, "introspection_all.jsonl", run.design["instilled"])
+    curves = _fold_curves(run, fit, [], inner)
+    if curves:
+        curves.pop("heldout")
+    return run.train("control_all", "base", data, None, run.cfg.introspection, curves)
 
 
 def stage_reports_control_first(run: Run) -> dict:
@@ -820,6 +866,11 @@ _REPORTS = ("n_reports", "report_mode", "report_max_new_tokens", "report_tempera
 _MODEL_BACKEND = ("backend", "model", "simulated", "trainer", "openai", "vllm")  # what training reads
 _INFER = _MODEL_BACKEND + ("batch_size",)  # and what measuring reads (batch_size: see RunConfig.hash_fields)
 
+# introspection_stop / inner_fraction: absent from the keys when "end" (RunConfig.hash_fields). With
+# "inner_r" a training stage also reads the validate stage's choices (learned weights), which follow
+# from instill's output, its declared need.
+_INTROSPECTION = _MODEL_BACKEND + ("introspection", "introspection_stop", "inner_fraction")
+
 STAGES: list[Stage] = [
     Stage("design", "scenarios, weights and fine-tuning datasets", (), _DESIGN, stage_design),
     Stage("instill", "fine-tune the base model on the preference examples", ("design",),
@@ -830,12 +881,12 @@ STAGES: list[Stage] = [
           stage_reports_base),
     Stage("reports_instilled", "the instilled model's self-reports", ("validate",), _INFER + _REPORTS,
           stage_reports_instilled),
-    Stage("itrain_first", "introspection training on the first half", ("instill",), _MODEL_BACKEND + ("introspection",),
+    Stage("itrain_first", "introspection training on the first half", ("instill",), _INTROSPECTION,
           stage_itrain_first),
-    Stage("itrain_last", "introspection training on the second half", ("instill",), _MODEL_BACKEND + ("introspection",),
+    Stage("itrain_last", "introspection training on the second half", ("instill",), _INTROSPECTION,
           stage_itrain_last),
     Stage("itrain_all", "introspection training on every instilled scenario", ("instill",),
-          _MODEL_BACKEND + ("introspection",), stage_itrain_all, native=True),
+          _INTROSPECTION, stage_itrain_all, native=True),
     Stage("reports_itrained_first", "reports on the second half after training on the first", ("itrain_first",),
           _INFER + _REPORTS, stage_reports_itrained_first),
     Stage("reports_itrained_last", "reports on the first half after training on the second", ("itrain_last",),
@@ -847,11 +898,11 @@ STAGES: list[Stage] = [
     Stage("reports_native_itrained", "reports on native scenarios after training on all", ("itrain_all",),
           _INFER + _REPORTS, stage_reports_native_itrained, native=True),
     Stage("itrain_control_first", "control: the base model given introspection training on the first half",
-          ("design",), _MODEL_BACKEND + ("introspection",), stage_itrain_control_first, control=True),
+          ("design",), _INTROSPECTION, stage_itrain_control_first, control=True),
     Stage("itrain_control_last", "control: the base model given introspection training on the second half",
-          ("design",), _MODEL_BACKEND + ("introspection",), stage_itrain_control_last, control=True),
+          ("design",), _INTROSPECTION, stage_itrain_control_last, control=True),
     Stage("itrain_control_all", "control: the base model given introspection training on every instilled scenario",
-          ("design",), _MODEL_BACKEND + ("introspection",), stage_itrain_control_all, native=True, control=True),
+          ("design",), _INTROSPECTION, stage_itrain_control_all, native=True, control=True),
     Stage("reports_control_first", "control: its reports on the second half", ("itrain_control_first",),
           _INFER + _REPORTS, stage_reports_control_first, control=True),
     Stage("reports_control_last", "control: its reports on the first half", ("itrain_control_last",),
