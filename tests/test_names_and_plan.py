@@ -74,3 +74,19 @@ def test_plan_smallest_design_runs():
     res = CliRunner().invoke(app, ["plan", "--scenarios", "3", "--reports", "1", "--trials", "5", "--n-sim", "3"])
     assert res.exit_code == 0, res.output
     assert "power" in res.output
+
+
+def test_the_training_effects_ci_narrows_with_scenarios():
+    """--effect-from: the paired CI of trained minus untrained r narrows as scenarios are added,
+    and a large effect is found more often with more of them."""
+    rows = power.power_table(0.55, 0.0, [10, 80], [5], 30, n_sim=20, n_boot=200, effect_from=0.25)
+    small, large = rows
+    assert large["effect_ci_half_width"] < 0.7 * small["effect_ci_half_width"]
+    assert large["effect_power"] >= small["effect_power"] and large["effect_power"] > 0.5
+    res = CliRunner().invoke(app, ["plan", "--scenarios", "3", "--reports", "1", "--trials", "5", "--n-sim", "3",
+                                   "--target-r", "0.5", "--effect-from", "0.2"])
+    assert res.exit_code == 0, res.output
+    assert "CI half-width" in res.output
+    bad = CliRunner().invoke(app, ["plan", "--scenarios", "3", "--reports", "1", "--trials", "5", "--n-sim", "3",
+                                   "--effect-from", "1.5"])
+    assert bad.exit_code != 0 and "effect-from" in bad.output

@@ -551,6 +551,9 @@ def plan(
     trials: int = typer.Option(50, help="Choices per scenario for the learned weights."),
     n_sim: int = typer.Option(200, help="Simulated studies per design."),
     seed: int = typer.Option(0),
+    effect_from: Optional[float] = typer.Option(
+        None, help="The r before introspection training: also simulate the training effect (target-r minus this, "
+        "paired on the same scenarios) and print its CI half-width and power."),
 ) -> None:
     """Power analysis: how many scenarios, reports and trials a study needs, by simulation."""
     from .power import DesignError, check_design, power_table
@@ -567,15 +570,25 @@ def plan(
         check_design(ns, rs, trials, n_sim)
     except DesignError as e:
         fail(f"--{e}")
-    rows = power_table(target_r, baseline_r, ns, rs, trials, n_sim, seed)
+    try:
+        rows = power_table(target_r, baseline_r, ns, rs, trials, n_sim, seed, effect_from=effect_from)
+    except DesignError as e:
+        fail(f"--{e}")
     t = Table(title=f"detecting r = {target_r} (vs {baseline_r}) with {trials} choices per scenario, {n_sim} simulated studies each")
-    for col in ("scenarios", "reports", "mean r", "mean CI width", "power"):
+    cols = ["scenarios", "reports", "mean r", "mean CI width", "power"]
+    if effect_from is not None:
+        cols += [f"effect {target_r - effect_from:+.2f}: CI half-width", "effect power"]
+    for col in cols:
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(str(r["n_scenarios"]), str(r["n_reports"]), f"{r['mean_r']:.3f}", f"{r['ci_width']:.3f}",
-                  f"{r['power']:.2f}")
+        cells = [str(r["n_scenarios"]), str(r["n_reports"]), f"{r['mean_r']:.3f}", f"{r['ci_width']:.3f}",
+                 f"{r['power']:.2f}"]
+        if effect_from is not None:
+            cells += [f"{r['effect_ci_half_width']:.3f}", f"{r['effect_power']:.2f}"]
+        t.add_row(*cells)
     console.print(t)
-    console.print("power: share of simulated studies whose 95% CI excludes the baseline r.")
+    console.print("power: share of simulated studies whose 95% CI excludes the baseline r"
+                  + ("; effect power: whose paired CI of the training effect excludes 0." if effect_from is not None else "."))
 
 
 @app.command()

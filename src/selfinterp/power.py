@@ -49,6 +49,27 @@ class DesignError(ValueError):
     """A design too small to estimate anything from."""
 
 
+def simulate_effect_study(rng: np.random.Generator, n_scenarios: int, n_reports: int, n_trials: int, r_before: float,
+                          r_after: float, report_noise: float = 60.0, choice_noise: float = 10.0,
+                          k: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reports before, reports after introspection training, learned weights) of one simulated
+    study: the same scenarios and learned weights, the two conditions' errors independent (a
+    conservative assumption: correlated errors would narrow the paired CI)."""
+    w = np.round(rescale(rng.uniform(-100, 100, (n_scenarios, k))))
+    X = rng.uniform(0, 1, (n_scenarios, n_trials, k)) - rng.uniform(0, 1, (n_scenarios, n_trials, k))
+    p = 1 / (1 + np.exp(-np.einsum("snk,sk->sn", X, w) / choice_noise))
+    y = (rng.uniform(size=p.shape) < p).astype(float)
+    fit = regression.fit_preferences(X, y)
+    learned = np.where(np.isnan(fit.weights), 0.0, fit.weights)
+    out = []
+    for r in (r_before, r_after):
+        s_u = _SD_W * np.sqrt(1 / r**2 - 1) if r != 0 else 1e6
+        u = rng.normal(scale=s_u, size=w.shape)
+        e = rng.normal(scale=report_noise, size=(n_reports,) + w.shape).mean(axis=0)
+        out.append(np.sign(r) * w + u + e)
+    return out[0], out[1], learned
+
+
 def check_design(scenarios: list[int], reports: list[int], n_trials: int, n_sim: int) -> None:
     """Refuse designs whose power would be meaningless (rather than report power 1.00)."""
     small = [n for n in scenarios if n < MIN_SCENARIOS]
@@ -64,20 +85,36 @@ def check_design(scenarios: list[int], reports: list[int], n_trials: int, n_sim:
 
 
 def power_table(target_r: float, baseline_r: float, scenarios: list[int], reports: list[int], n_trials: int,
-                n_sim: int = 200, seed: int = 0, n_boot: int = 500) -> list[dict]:
+                n_sim: int = 200, seed: int = 0, n_boot: int = 500, effect_from: float | None = None) -> list[dict]:
+    """Per design: the mean r, mean CI width and power to tell ``target_r`` from ``baseline_r``.
+    With ``effect_from`` (the r before introspection training), also the training effect
+    target_r - effect_from on the same scenarios (paired bootstrap, as the analysis computes it):
+    its mean CI half-width and the power of its CI to exclude 0."""
     check_design(scenarios, reports, n_trials, n_sim)
+    if effect_from is not None and not -1 < effect_from < 1:
+        raise DesignError("effect-from: an r between -1 and 1")
     rows = []
     for n_s in scenarios:
         for n_r in reports:
             rng = np.random.default_rng([seed, n_s, n_r])
             rs, widths, hits = [], [], 0
+            e_half, e_hits = [], 0
             for i in range(n_sim):
-                rep, learned = simulate_study(rng, n_s, n_r, n_trials, target_r)
+                if effect_from is None:
+                    rep, learned = simulate_study(rng, n_s, n_r, n_trials, target_r)
+                else:
+                    before, rep, learned = simulate_effect_study(rng, n_s, n_r, n_trials, effect_from, target_r)
+                    d = stats.compare(before, rep, learned, n_boot=n_boot, seed=i)
+                    e_half.append((d.ci[1] - d.ci[0]) / 2)
+                    e_hits += bool(np.all(np.isfinite(d.ci)) and (d.ci[0] > 0 or d.ci[1] < 0))
                 c = stats.correlate(rep, learned, n_boot=n_boot, seed=i)
                 rs.append(c.r)
                 widths.append(c.ci[1] - c.ci[0])
                 # a study whose r could not be estimated (NaN CI) detects nothing
                 hits += bool(np.all(np.isfinite(c.ci)) and not (c.ci[0] <= baseline_r <= c.ci[1]))
-            rows.append({"n_scenarios": n_s, "n_reports": n_r, "mean_r": float(np.mean(rs)),
-                         "ci_width": float(np.mean(widths)), "power": hits / n_sim})
+            row = {"n_scenarios": n_s, "n_reports": n_r, "mean_r": float(np.mean(rs)),
+                   "ci_width": float(np.mean(widths)), "power": hits / n_sim}
+            if effect_from is not None:
+                row.update({"effect_ci_half_width": float(np.nanmean(e_half)), "effect_power": e_hits / n_sim})
+            rows.append(row)
     return rows
