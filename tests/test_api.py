@@ -11,7 +11,11 @@ import pytest
 
 import selfinterp
 from selfinterp import api
-from selfinterp.analysis import CONDITIONS, EFFECTS
+from selfinterp.analysis import CONDITIONS as ALL_CONDITIONS, EFFECTS as ALL_EFFECTS
+
+# A run without cross_model_control computes every condition but the control's.
+CONDITIONS = [c for c in ALL_CONDITIONS if not c.name.startswith("control_")]
+EFFECTS = [e for e in ALL_EFFECTS if not e[1].startswith("control_")]
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

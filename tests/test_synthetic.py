@@ -7,7 +7,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from selfinterp.analysis import CONDITIONS, EFFECTS
+from selfinterp.analysis import CONDITIONS as ALL_CONDITIONS, EFFECTS as ALL_EFFECTS
+
+# A run without cross_model_control computes every condition but the control's.
+CONDITIONS = [c for c in ALL_CONDITIONS if not c.name.startswith("control_")]
+EFFECTS = [e for e in ALL_EFFECTS if not e[1].startswith("control_")]
 from selfinterp.cli import app
 
 
