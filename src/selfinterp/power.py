@@ -25,15 +25,21 @@ from .design import rescale
 _SD_W = float(np.round(rescale(np.random.default_rng(0).uniform(-100, 100, (100_000, 5)))).std())
 
 
-def simulate_study(rng: np.random.Generator, n_scenarios: int, n_reports: int, n_trials: int, target_r: float,
-                   report_noise: float = 60.0, choice_noise: float = 10.0, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """(mean reports, learned weights) of one simulated study, each (n_scenarios, k)."""
+def _true_and_learned(rng: np.random.Generator, n_scenarios: int, n_trials: int, choice_noise: float,
+                      k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(true weights, weights learned from simulated choices) of one simulated study's scenarios."""
     w = np.round(rescale(rng.uniform(-100, 100, (n_scenarios, k))))
     X = rng.uniform(0, 1, (n_scenarios, n_trials, k)) - rng.uniform(0, 1, (n_scenarios, n_trials, k))
     p = 1 / (1 + np.exp(-np.einsum("snk,sk->sn", X, w) / choice_noise))
     y = (rng.uniform(size=p.shape) < p).astype(float)
     fit = regression.fit_preferences(X, y)
-    learned = np.where(np.isnan(fit.weights), 0.0, fit.weights)
+    return w, np.where(np.isnan(fit.weights), 0.0, fit.weights)
+
+
+def simulate_study(rng: np.random.Generator, n_scenarios: int, n_reports: int, n_trials: int, target_r: float,
+                   report_noise: float = 60.0, choice_noise: float = 10.0, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """(mean reports, learned weights) of one simulated study, each (n_scenarios, k)."""
+    w, learned = _true_and_learned(rng, n_scenarios, n_trials, choice_noise, k)
     s_u = _SD_W * np.sqrt(1 / target_r**2 - 1) if target_r > 0 else 1e6
     u = rng.normal(scale=s_u, size=w.shape)
     e = rng.normal(scale=report_noise, size=(n_reports,) + w.shape).mean(axis=0)
@@ -55,12 +61,7 @@ def simulate_effect_study(rng: np.random.Generator, n_scenarios: int, n_reports:
     """(reports before, reports after introspection training, learned weights) of one simulated
     study: the same scenarios and learned weights, the two conditions' errors independent (a
     conservative assumption: correlated errors would narrow the paired CI)."""
-    w = np.round(rescale(rng.uniform(-100, 100, (n_scenarios, k))))
-    X = rng.uniform(0, 1, (n_scenarios, n_trials, k)) - rng.uniform(0, 1, (n_scenarios, n_trials, k))
-    p = 1 / (1 + np.exp(-np.einsum("snk,sk->sn", X, w) / choice_noise))
-    y = (rng.uniform(size=p.shape) < p).astype(float)
-    fit = regression.fit_preferences(X, y)
-    learned = np.where(np.isnan(fit.weights), 0.0, fit.weights)
+    w, learned = _true_and_learned(rng, n_scenarios, n_trials, choice_noise, k)
     out = []
     for r in (r_before, r_after):
         s_u = _SD_W * np.sqrt(1 / r**2 - 1) if r != 0 else 1e6

@@ -734,27 +734,30 @@ def _halves(run: Run) -> tuple[list[Scenario], list[Scenario]]:
     return design.halves(run.design["instilled"])
 
 
-def stage_itrain_first(run: Run) -> dict:
+def _train_on_fold(run: Run, which: str, base: str, fold: str) -> dict:
+    """Introspection training of ``base`` on the first half, the second half or all instilled
+    scenarios (``fold``), with the report curves and the inner split the run asks for."""
     first, second = _halves(run)
-    data, fit, inner = _introspection_data(run, "introspection_first_half.jsonl", first)
-    return run.train("itrained_first", "instilled", data, None, run.cfg.introspection,
-                     _fold_curves(run, fit, second, inner))
+    trained, heldout, data = {"first": (first, second, "introspection_first_half.jsonl"),
+                              "last": (second, first, "introspection_second_half.jsonl"),
+                              "all": (run.design["instilled"], [], "introspection_all.jsonl")}[fold]
+    data, fit, inner = _introspection_data(run, data, trained)
+    curves = _fold_curves(run, fit, heldout, inner)
+    if curves and not heldout:  # all: native scenarios' learned weights come later (native_choices)
+        curves.pop("heldout")
+    return run.train(which, base, data, None, run.cfg.introspection, curves)
+
+
+def stage_itrain_first(run: Run) -> dict:
+    return _train_on_fold(run, "itrained_first", "instilled", "first")
 
 
 def stage_itrain_last(run: Run) -> dict:
-    first, second = _halves(run)
-    data, fit, inner = _introspection_data(run, "introspection_second_half.jsonl", second)
-    return run.train("itrained_last", "instilled", data, None, run.cfg.introspection,
-                     _fold_curves(run, fit, first, inner))
+    return _train_on_fold(run, "itrained_last", "instilled", "last")
 
 
 def stage_itrain_all(run: Run) -> dict:
-    # Native scenarios' learned weights come later (native_choices): no held-out curve here.
-    data, fit, inner = _introspection_data(run, "introspection_all.jsonl", run.design["instilled"])
-    curves = _fold_curves(run, fit, [], inner)
-    if curves:
-        curves.pop("heldout")
-    return run.train("itrained_all", "instilled", data, None, run.cfg.introspection, curves)
+    return _train_on_fold(run, "itrained_all", "instilled", "all")
 
 
 def _fold_name(run: Run, which: str) -> str:
@@ -801,23 +804,15 @@ def stage_reports_native_itrained(run: Run) -> dict:
 # against the instilled model's learned weights).
 
 def stage_itrain_control_first(run: Run) -> dict:
-    first, second = _halves(run)
-    data, fit, inner = _introspection_data(run, "introspection_first_half.jsonl", first)
-    return run.train("control_first", "base", data, None, run.cfg.introspection, _fold_curves(run, fit, second, inner))
+    return _train_on_fold(run, "control_first", "base", "first")
 
 
 def stage_itrain_control_last(run: Run) -> dict:
-    first, second = _halves(run)
-    data, fit, inner = _introspection_data(run, "introspection_second_half.jsonl", second)
-    return run.train("control_last", "base", data, None, run.cfg.introspection, _fold_curves(run, fit, first, inner))
+    return _train_on_fold(run, "control_last", "base", "last")
 
 
 def stage_itrain_control_all(run: Run) -> dict:
-    data, fit, inner = _introspection_data(run, "introspection_all.jsonl", run.design["instilled"])
-    curves = _fold_curves(run, fit, [], inner)
-    if curves:
-        curves.pop("heldout")
-    return run.train("control_all", "base", data, None, run.cfg.introspection, curves)
+    return _train_on_fold(run, "control_all", "base", "all")
 
 
 def stage_reports_control_first(run: Run) -> dict:
