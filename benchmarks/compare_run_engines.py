@@ -23,7 +23,8 @@ def main() -> None:
     from selfinterp import design, prompts
     from selfinterp.backends.hf import HFBackend
     from selfinterp.config import RunConfig
-    from selfinterp.run import Run, materialise
+    from selfinterp.modelref import materialise
+    from selfinterp.run import Run
 
     cfg = RunConfig(**json.loads((args.run_dir / "config.json").read_text()))
     run = Run(cfg.model_copy(update={"backend": "hf"}), args.run_dir, progress=False)

@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     train_s = time.time() - t0
 
     from selfinterp.backends.hf import HFBackend
-    from selfinterp.run import materialise
+    from selfinterp.modelref import materialise
 
     path = materialise(out_dir) if m["method"] == "full" else base
     backend = HFBackend(str(path), adapter=str(out_dir / "adapter") if m["method"] == "lora" else None, progress=False)

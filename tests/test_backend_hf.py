@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -67,7 +66,7 @@ def test_answer_letters_are_single_distinct_tokens(backend):
 
 
 def test_multi_token_answers_are_refused(backend):
-    from selfinterp.backends.hf import AnswerTokenError, answer_token_ids
+    from selfinterp.chat_template import AnswerTokenError, answer_token_ids
 
     prompt = backend.render(prompts.chat("hi"))
     with pytest.raises(AnswerTokenError, match="not a single token"):
@@ -244,22 +243,20 @@ def test_constrained_number_vocabulary_only_writes_valid_numbers(backend):
     assert VALID_NUMBERS <= reachable
 
 
-def test_finetune_delegates_and_the_result_loads(tiny_model_dir, bank, tmp_path):
-    from selfinterp.backends import ModelRef
+def test_a_finetune_output_loads_as_an_adapter(tiny_model_dir, bank, tmp_path):
+    """What selfinterp.finetune writes, this backend loads (adapter=the output directory), and it
+    answers as it was trained."""
     from selfinterp.backends.hf import HFBackend
+    from selfinterp.finetune import FinetuneConfig, finetune
 
     base = HFBackend(str(tiny_model_dir), progress=False)
-    if importlib.util.find_spec("selfinterp.finetune") is None:
-        with pytest.raises(NotImplementedError, match="selfinterp.finetune"):
-            base.finetune([], [], {}, out_dir=tmp_path)
-        return
     s = bank[0]
     train = [{"messages": prompts.decision_chat(s, p.a, p.b, "B")} for p in sample_pairs(s, 4, seed=0)]
-    config = {"method": "lora", "epochs": 4, "batch_size": 4, "lr": 5e-2, "lora_rank": 4, "autocast": None,
-              "warmup_ratio": 0.0, "schedule": "constant"}
-    ref = base.finetune(train, None, config, out_dir=tmp_path / "run")
-    assert isinstance(ref, ModelRef) and ref.base == str(tiny_model_dir) and ref.metadata["method"] == "lora"
-    tuned = HFBackend(ref.base, adapter=ref.adapter, progress=False)
+    config = FinetuneConfig(method="lora", epochs=4, batch_size=4, lr=5e-2, lora_rank=4, autocast=None,
+                            warmup_ratio=0.0, schedule="constant")
+    out = finetune(str(tiny_model_dir), train, None, config, tmp_path / "run", progress=False)
+    assert out.manifest["method"] == "lora"
+    tuned = HFBackend(str(tiny_model_dir), adapter=str(out.path), progress=False)
     chats = [prompts.decision_chat(s, p.a, p.b) for p in sample_pairs(s, 4, seed=0)]
     before, after = base.choice_probs(chats), tuned.choice_probs(chats)
     assert np.all(after.p_a < before.p_a)  # trained towards "B"

@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 
 from selfinterp import chat_template  # noqa: E402
 from selfinterp.decoder import lower_hidden, top_logits  # noqa: E402
-from selfinterp.finetune import IGNORE, FinetuneConfig, finetune, load_finetuned, tokenize_example  # noqa: E402
+from selfinterp.finetune import IGNORE, FinetuneConfig, finetune, tokenize_example  # noqa: E402
+from selfinterp.modelref import load_base, load_finetuned  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"
 SYSTEM = "Your job is to make hypothetical decisions on behalf of different people or characters."
@@ -150,7 +151,7 @@ def test_adapter_round_trip_gives_identical_logits(lora_run):
     trained = _logits(lora_run.model, tok, texts)
     assert torch.equal(_logits(model, tok, texts), trained)
     # and the adapter did change the model
-    base, _ = load_finetuned.__globals__["load_base"](lora_run.base_model)
+    base, _ = load_base(lora_run.base_model)
     assert not torch.allclose(_logits(base, tok, texts), trained)
 
 
@@ -762,7 +763,7 @@ def test_evaluator_joins_the_evaluations_and_changes_nothing(tiny_model_dir, tmp
 def test_keep_best_returns_the_best_evaluations_weights(tiny_model_dir, tmp_path):
     """keep_best: the result is the model of the evaluation with the highest score (here the
     second of several), loaded back exactly; the manifest says which."""
-    from selfinterp.finetune import load_finetuned
+    from selfinterp.modelref import load_finetuned
 
     calls = []
 

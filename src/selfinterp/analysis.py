@@ -15,7 +15,7 @@ The result is a plain dataclass tree; :func:`to_json` gives the stable ``results
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np

@@ -1,7 +1,8 @@
 """Turning the protocol's chat messages into a model's own prompt text.
 
-Every local backend (measurement, generation, fine-tuning) goes through :func:`render`, so
-training and measurement see identical tokens. Some templates (Gemma's) have no system role:
+Every local backend (measurement, generation, fine-tuning) goes through :func:`render` and
+:func:`encode`, so training and measurement see identical tokens, and finds its answer tokens with
+:func:`answer_token_ids`. Some templates (Gemma's) have no system role:
 the system prompt is then folded into the first user turn, and the caller is told so, to
 record it with the results.
 """
@@ -79,3 +80,41 @@ def prompt_and_answer(tokenizer: Any, messages: Sequence[dict[str, str]],
             "completion-only loss cannot be masked for this template"
         )
     return prompt, full[len(prompt):]
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens
+
+ANSWER_LETTERS = ("A", "B")
+
+
+class AnswerTokenError(ValueError):
+    """The answer letters are not single, distinct tokens after the generation prompt."""
+
+
+def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of rendered chats. No special tokens are added: chat templates already write
+    their BOS where the model expects one, and a second BOS would change the model's input."""
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def answer_token_ids(tokenizer: Any, prompt_text: str, letters: Sequence[str] = ANSWER_LETTERS) -> tuple[int, ...]:
+    """The token id of each answer letter as the model would write it right after ``prompt_text``.
+
+    The letter must add exactly one token to the prompt's tokens without changing them (so the
+    probability of that token is the probability of the answer), and letters must differ.
+    """
+    base = encode(tokenizer, [prompt_text])[0]
+    ids = []
+    for letter in letters:
+        full = encode(tokenizer, [prompt_text + letter])[0]
+        if full[: len(base)] != base or len(full) != len(base) + 1:
+            added = tokenizer.convert_ids_to_tokens(full[len(base) - 1:])
+            raise AnswerTokenError(
+                f"answer {letter!r} is not a single token after the generation prompt "
+                f"(tokenised as {added}); choice probabilities cannot be read from one position"
+            )
+        ids.append(full[-1])
+    if len(set(ids)) != len(ids):
+        raise AnswerTokenError(f"answers {list(letters)} map to the same token ids {ids}")
+    return tuple(ids)

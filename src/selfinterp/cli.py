@@ -208,6 +208,7 @@ def analyze(
     Every cell is checked: a bad one is an error naming file, line and column; what is kept but
     counted, skipped or substituted is printed as a note."""
     from . import analysis
+    from .journal import atomic_write_text
     from .layout import LayoutError
 
     if n_boot < 1:
@@ -221,9 +222,7 @@ def analyze(
     out = out or (directory / "analysis")
     out.mkdir(parents=True, exist_ok=True)
     results = analysis.to_json(a)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out / "results.json")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     print_results(results)
     written = []
     if figures:
@@ -606,7 +605,8 @@ def serve(
     import shlex
 
     from .models import ModelError
-    from .serve import VLLM_ENV, ServeError, command, plan as serve_plan, vllm_python
+    from .backends.vllm import RUNTIME_ENV  # the server runs offline and quiet, like the in-process engine
+    from .serve import ServeError, command, plan as serve_plan, vllm_python
 
     try:
         p = serve_plan(target, name)
@@ -620,7 +620,7 @@ def serve(
     console.print(" ".join(shlex.quote(c) for c in cmd), highlight=False, markup=False, soft_wrap=True)
     if dry_run:
         return
-    os.execve(cmd[0], cmd, {**os.environ, **VLLM_ENV})
+    os.execve(cmd[0], cmd, {**os.environ, **RUNTIME_ENV})
 
 
 # Model commands live with the models (they import torch lazily, when run).

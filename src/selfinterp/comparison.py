@@ -19,7 +19,8 @@ from typing import Any
 
 import pandas as pd
 
-from .api import Results, analyze
+from .results import Results, analyze
+from .journal import atomic_write
 from .layout import LayoutError
 
 
@@ -130,11 +131,11 @@ class Comparison:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = [out / "comparison.md", out / "comparison.csv", out / "settings.csv", out / "comparison.png"]
-        _atomic(paths[0], lambda p: p.write_text(self.markdown(), encoding="utf-8"))
-        _atomic(paths[1], lambda p: self.table().to_csv(p, index=False))
-        _atomic(paths[2], lambda p: self.settings().to_csv(p))
+        atomic_write(paths[0], lambda p: p.write_text(self.markdown(), encoding="utf-8"))
+        atomic_write(paths[1], lambda p: self.table().to_csv(p, index=False))
+        atomic_write(paths[2], lambda p: self.settings().to_csv(p))
         fig = self.plot()
-        _atomic(paths[3], lambda p: fig.savefig(p, dpi=120, format="png"))
+        atomic_write(paths[3], lambda p: fig.savefig(p, dpi=120, format="png"))
         return paths
 
 
@@ -172,9 +173,3 @@ def _md_table(df: pd.DataFrame, first: str) -> list[str]:
     rows = [f"| {' | '.join(head)} |", f"| {' | '.join('---' for _ in head)} |"]
     rows += [f"| {' | '.join([esc(i)] + [esc(v) for v in row])} |" for i, row in zip(df.index, df.itertuples(index=False))]
     return rows
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)

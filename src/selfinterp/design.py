@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,9 +18,29 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import prompts
-from .scenarios import Scenario
+from .journal import atomic_write, atomic_write_text
+from .scenarios import Problem, Scenario, ScenarioError, assign_roles, load, load_bank, load_bundled_roles
 
 MAX_WEIGHT = 100
+
+
+def choose_scenarios(source: str, n_instilled: int, n_native: int, seed: int) -> tuple[list[Scenario], list[Scenario]]:
+    """The run's (instilled, native) scenarios from ``source`` ("bank" or a scenario file): from the
+    bank a seeded sample, from a file its first rows; roles assigned unless a CSV carries its own."""
+    n = n_instilled + n_native
+    pool = load_bank() if source == "bank" else load(source)
+    if len(pool) < n:
+        where = "the bundled bank" if source == "bank" else source
+        raise ScenarioError([Problem("scenarios", f"{where} has {len(pool)} scenarios; the run needs n_instilled + "
+                                     f"n_native = {n_instilled} + {n_native} = {n}")])
+    if source == "bank":
+        pool = random.Random(seed).sample(pool, n)
+        pool = assign_roles(pool, load_bundled_roles(), seed)
+    else:
+        pool = pool[:n]
+        if not source.endswith(".csv"):
+            pool = assign_roles(pool, load_bundled_roles(), seed)
+    return pool[:n_instilled], pool[n_instilled:]
 
 
 def rng_for(seed: int, scenario_id: str, purpose: str) -> np.random.Generator:
@@ -168,15 +189,16 @@ def halves(scenarios: Sequence[Scenario]) -> tuple[list[Scenario], list[Scenario
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     """Write rows as JSON lines atomically (temp file, then rename); return the number written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        nonlocal n
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+
+    atomic_write(path, write)
     return n
 
 
@@ -185,11 +207,7 @@ def write_weights_csv(path: Path, scenarios: Sequence[Scenario], weights: dict[s
     k = max(s.k for s in scenarios)
     lines = ["scenario," + ",".join(f"attr{j}" for j in range(1, k + 1))]
     lines += [s.id + "," + ",".join(str(int(w)) for w in weights[s.id]) for s in scenarios]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def export(scenarios: Sequence[Scenario], out: Path, seed: int = 0, n_train: int = 50, n_val: int = 10,

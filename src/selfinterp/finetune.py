@@ -14,7 +14,8 @@ Read top to bottom:
    per example and reused every epoch (on a CPU that is most of the cost of a step).
 4. :func:`finetune` - a short training loop driven by ``accelerate`` (one process, or DDP under
    ``accelerate launch``), with atomic checkpoints, resume, and a manifest.
-5. :func:`load_finetuned` - the trained model back from its output directory.
+5. The output directory: its layout, and loading it back (``load_finetuned``), live in
+   :mod:`selfinterp.modelref`, which the backends read too.
 
 Why not HF ``Trainer`` / TRL ``SFTTrainer``: they feed token ids through the whole model every
 step and cannot train on cached activations, which is the main CPU speed-up here (4-7x per step,
@@ -51,13 +52,11 @@ import torch.nn.functional as F
 
 from . import chat_template
 from . import decoder as dec
-from .journal import atomic_write_json
+from .journal import atomic_write, atomic_write_json
+from .modelref import (ADAPTER_DIR, MANIFEST, TOKENIZER_DIR, TRAINED_WEIGHTS, bf16_native, load_base, resolve_dtype,
+                       torch_dtype)
 
 IGNORE = -100  # label value that cross-entropy ignores (prompt and padding positions)
-MANIFEST = "manifest.json"
-ADAPTER_DIR = "adapter"  # peft save_pretrained output (method "lora")
-TRAINED_WEIGHTS = "trained.safetensors"  # the trained parameters (method "full")
-TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS = "checkpoints"
 BEST_DIR = "best"  # keep_best: the trainable weights of the best evaluation so far
 
@@ -291,9 +290,6 @@ class FinetunedModel:
     manifest: dict[str, Any]
     model: Any = field(default=None, repr=False, compare=False)  # the trained model, in the process that trained it
 
-    def load(self, **kw: Any) -> tuple[Any, Any]:
-        return load_finetuned(self.path, **kw)
-
 
 def read_examples(data: str | Path | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Examples ({"messages": [...]}) from a list or a JSONL file."""
@@ -310,31 +306,6 @@ def data_sha256(examples: Sequence[dict[str, Any]]) -> str:
         h.update(json.dumps(ex, sort_keys=True, ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_base(base_model: str | Path, dtype: str = "float32", device: torch.device | str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) from an HF directory / hub id, or a ``.gguf`` file (de-quantised).
-    ``device``: load the weights straight onto it (a GPU), not through host memory first."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if dtype == "auto":
-        dtype = resolve_dtype(dtype, torch.device(device or "cpu"))
-    placement = {"device_map": {"": str(device)}} if device is not None else {}
-    spec = str(base_model)
-    if spec.endswith(".gguf"):
-        p = Path(spec)
-        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=_DTYPES[dtype], **placement)
-        model.hf_quantizer = None  # weights are already floats; lets save_pretrained/peft work
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    else:
-        tok = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=_DTYPES[dtype], **placement)
-    return model, tok
 
 
 def _use_checkpointing(model: nn.Module, config: FinetuneConfig, device: torch.device) -> bool:
@@ -546,35 +517,17 @@ def _aux_targets(examples: Sequence[TokenizedExample], n_aux: int, device: torch
     return {"aux": torch.tensor([e.aux for e in examples], dtype=torch.float32, device=device)}
 
 
-def _bf16_ok(device: torch.device) -> bool:
-    """Whether ``device`` computes in bfloat16 natively. A CPU without avx512_bf16 or AMX emulates
-    it: on an AVX2-only AMD EPYC a SmolLM2-135M forward under bf16 autocast took 6.7x as long as
-    in float32 (the cpu preset's lower-layer cache: ETA 2.5 h instead of 12 min)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    from .estimate import cpu_native_bf16
-
-    return cpu_native_bf16()
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """The weights' dtype that "auto" means on ``device``."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device.type == "cuda" and _bf16_ok(device) else "float32"
-
-
 def resolve_autocast(autocast: str | None, device: torch.device) -> str | None:
     """bfloat16 autocast on a device without native bfloat16 computes in the weights' dtype: on a
     GPU without it (V100, T4) instead of failing (float16 would need loss scaling), on a CPU
     without avx512_bf16 / AMX instead of emulating it several times slower."""
-    return None if autocast == "bfloat16" and not _bf16_ok(device) else autocast
+    return None if autocast == "bfloat16" and not bf16_native(device) else autocast
 
 
 def _autocast(config: FinetuneConfig, device: torch.device):
     if config.autocast is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_DTYPES[config.autocast])
+    return torch.autocast(device_type=device.type, dtype=torch_dtype(config.autocast))
 
 
 def _build_cache(model: nn.Module, examples: Sequence[TokenizedExample], first: int, config: FinetuneConfig,
@@ -602,7 +555,7 @@ def _build_cache(model: nn.Module, examples: Sequence[TokenizedExample], first: 
                 if s == 0:  # the split must reproduce the model's own forward (architecture check)
                     dec.check_split(model, ids, mask, h, first)
             for j, i in enumerate(idx):
-                out[i] = h[j, : len(examples[i].input_ids)].to("cpu", _DTYPES[config.cache_dtype]).clone()
+                out[i] = h[j, : len(examples[i].input_ids)].to("cpu", torch_dtype(config.cache_dtype)).clone()
             if progress:
                 progress.advance(task, len(idx))
     if progress:
@@ -618,7 +571,7 @@ def _prompt(example: TokenizedExample) -> list[int]:
 def _build_cache_shared(model: nn.Module, examples: Sequence[TokenizedExample], first: int, config: FinetuneConfig,
                         device: torch.device, tokenizer: Any, batch: int, progress: Any) -> list:
     out: list = [None] * len(examples)
-    dt = _DTYPES[config.cache_dtype]
+    dt = torch_dtype(config.cache_dtype)
     task = progress.add_task("caching lower layers", total=len(examples)) if progress else None
     checked = False
     model.eval()
@@ -1003,8 +956,8 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             if value is not None and math.isfinite(value) and value > state.get("best", {}).get("value", -math.inf):
                 best = out_dir / BEST_DIR
                 best.mkdir(parents=True, exist_ok=True)
-                save_file(_trainable_state(model), str(best / "trainable.safetensors.tmp"))
-                os.replace(best / "trainable.safetensors.tmp", best / "trainable.safetensors")
+                weights = _trainable_state(model)
+                atomic_write(best / "trainable.safetensors", lambda tmp: save_file(weights, str(tmp)))
                 state["best"] = {"step": state["step"], "key": config.keep_best, "value": value}
         if not val_ex:
             return {"val_loss": None, "val_accuracy": None, **extra}
@@ -1133,8 +1086,8 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
             shutil.rmtree(out_dir / ADAPTER_DIR, ignore_errors=True)
             os.replace(tmp, out_dir / ADAPTER_DIR)
         else:
-            save_file(_trainable_state(model), str(out_dir / (TRAINED_WEIGHTS + ".tmp")))
-            os.replace(out_dir / (TRAINED_WEIGHTS + ".tmp"), out_dir / TRAINED_WEIGHTS)
+            weights = _trainable_state(model)
+            atomic_write(out_dir / TRAINED_WEIGHTS, lambda tmp: save_file(weights, str(tmp)))
         tok.save_pretrained(out_dir / TOKENIZER_DIR)
         manifest = {
             "base_model": str(base_model),
@@ -1183,37 +1136,6 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def load_finetuned(out_dir: str | Path, dtype: str | None = None, device: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) as they were at the end of training, in eval mode."""
-    out_dir = Path(out_dir)
-    manifest = json.loads((out_dir / MANIFEST).read_text())
-    config = FinetuneConfig.from_dict(manifest["config"])
-    model, tok = load_base(manifest["base_model"], dtype or config.dtype)
-    if (out_dir / TOKENIZER_DIR).exists():
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(out_dir / TOKENIZER_DIR)
-    if manifest["method"] == "lora":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, out_dir / ADAPTER_DIR)
-    else:
-        from safetensors.torch import load_file
-
-        state = load_file(str(out_dir / TRAINED_WEIGHTS))
-        params = dict(model.named_parameters())
-        unknown = [n for n in state if n not in params]
-        if unknown:
-            raise ValueError(f"{out_dir / TRAINED_WEIGHTS} does not match {manifest['base_model']}: {unknown[:3]}")
-        with torch.no_grad():
-            for n, t in state.items():
-                params[n].copy_(t)
-    if device:
-        model.to(device)
-    model.eval()
-    return model, tok
 
 
 # ----------------------------------------------------------------------------------------------

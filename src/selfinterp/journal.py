@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 
 class JournalBusy(RuntimeError):
@@ -104,16 +104,28 @@ def unreadable(e: OSError | UnicodeDecodeError, kind: str, formats: str) -> str:
     return f"cannot be read: {e.strerror or e}"
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write then rename: readers see the old file or the new one, never half of one."""
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)``, then rename ``tmp`` to ``path``: readers see the old file or the new one,
+    never half of one, and a failed write leaves no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (:func:`atomic_write`), flushed to disk before the rename."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .journal import atomic_write
+
 #: File kinds, most specific pattern first (several suffixes end the same way).
 KINDS: list[tuple[str, re.Pattern]] = [
     (kind, re.compile(rf"^(?P<model>.+?)_{pattern}\.csv$"))
@@ -376,6 +378,4 @@ def write_weights(path: Path, weights: dict[str, np.ndarray], prefix: str = "b_a
     k = len(next(iter(weights.values())))
     df = pd.DataFrame([[s, *np.round(w).astype(int)] for s, w in weights.items()],
                       columns=["scenario"] + [f"{prefix}{j}" for j in range(1, k + 1)])
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))

@@ -34,6 +34,8 @@ from typing import Callable, Sequence
 
 import typer
 
+from .journal import sha256_file
+
 MANIFEST = "selfinterp-manifest.json"
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -176,14 +178,6 @@ def ensure_packages(s: ModelSpec, status: Callable[[str], None] = lambda msg: No
 # Joining and checking the GGUF file
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def join_parts(parts: Sequence[Path], out: Path, expected_sha256: str, chunk: int = 1 << 20) -> str:
     """Concatenate ``parts`` in order into ``out``, refusing (and deleting it) unless the sha256 matches.
 
@@ -213,7 +207,7 @@ def join_parts(parts: Sequence[Path], out: Path, expected_sha256: str, chunk: in
 def verified_gguf(s: ModelSpec, files: Sequence[Path], workdir: Path) -> Path:
     """The model's GGUF file, verified: the package's own file, or the parts joined in ``workdir``."""
     if len(files) == 1:
-        digest = sha256_of(files[0])
+        digest = sha256_file(files[0])
         if digest != s.sha256:
             raise ModelError(f"refusing {files[0]}: sha256 is {digest}, expected {s.sha256}")
         return files[0]

@@ -175,9 +175,13 @@ def _read_all(f: BinaryIO, e: Entry, expected: int | None, where: str) -> Iterat
 
 
 def _download(url: str, e: Entry, timeout: float) -> Iterator[bytes]:
-    from . import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
-    req = urllib.request.Request(url, headers={"User-Agent": f"selfinterp/{__version__}"})
+    try:
+        agent = f"selfinterp/{version('selfinterp')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        agent = "selfinterp"
+    req = urllib.request.Request(url, headers={"User-Agent": agent})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")

@@ -166,6 +166,14 @@ def _span_end(text: str, start: int) -> int | None:
     return None
 
 
+def json_object_end(text: str) -> int | None:
+    """Index just after the first balanced top-level object in ``text`` (None if not closed yet):
+    where generation of a JSON report can stop, by the same scan the parser uses. Text before the
+    first ``{`` (e.g. a code fence) is skipped; braces inside strings do not count."""
+    start = text.find("{")
+    return None if start < 0 else _span_end(text, start)
+
+
 def _previous_char(text: str, i: int) -> str:
     """The last non-blank character before ``text[i]``."""
     i -= 1

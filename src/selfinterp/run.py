@@ -37,11 +37,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import analysis, design, layout, prompts, stats
+from . import analysis, design, layout, modelref, prompts, stats
 from .config import RunConfig
 from .journal import Journal, atomic_write_json, atomic_write_text, sha256_file, sha256_json
 from .reports import parse_report
-from .scenarios import Problem, Scenario, ScenarioError, assign_roles, load, load_bank, load_bundled_roles
+from .scenarios import Scenario
 
 STAGE_FORMAT = 1  # bump when a stage's outputs change meaning, to redo old runs' stages
 
@@ -63,6 +63,23 @@ class Stage:
 
 # --------------------------------------------------------------------------------------------
 # The run
+
+
+@dataclass(frozen=True)
+class ChoiceMeasurement:
+    """A model's choices in one stage: the items shown (key, scenario, pair), P(A) and the
+    P(A) + P(B) mass per item, and the selections CSV written."""
+
+    file: str
+    items: list[tuple[str, Scenario, design.Pair]]
+    p_a: np.ndarray
+    mass: np.ndarray
+
+    def summary(self) -> dict:
+        """The stage's recorded result (JSON-ready)."""
+        return {"file": self.file, "n_choices": len(self.items), "a_rate": float(np.mean(self.p_a >= 0.5)),
+                "mean_p_a": float(self.p_a.mean()), "mean_mass": float(self.mass.mean()),
+                "min_mass": float(self.mass.min())}
 
 
 class Run:
@@ -201,7 +218,7 @@ class Run:
 
             preflight(self.cfg.openai.api_key_env, self.cfg.openai.base_url)
         if not self.is_done(self.stages()[0]):
-            _choose_scenarios(self.cfg)  # enough scenarios for the design (ScenarioError), before anything is written
+            design.choose_scenarios(self.cfg.scenarios, self.cfg.n_instilled, self.cfg.n_native, self.cfg.seed)  # enough scenarios for the design (ScenarioError), before anything is written
         atomic_write_json(self.path("config.json"), json.loads(self.cfg.model_dump_json()))
         estimates = self._estimate()
         for stage in self.stages():
@@ -293,7 +310,7 @@ class Run:
         """A backend running the base model or a fine-tuned one ("instilled", "itrained_first", ...)."""
         cfg = self.cfg
         if cfg.backend == "simulated":
-            from .backends.base import ModelRef
+            from .modelref import ModelRef
             from .backends.simulated import SimulatedBackend
 
             ref = None if which == "base" else ModelRef("simulated", str(self.model_dir(which)))
@@ -310,12 +327,10 @@ class Run:
 
         if which == "base":
             return HFBackend(cfg.model, batch_size=cfg.batch_size, progress=False)
-        out = self.model_dir(which)
-        manifest = json.loads((out / "manifest.json").read_text())
-        if manifest["method"] == "lora":
-            return HFBackend(manifest["base_model"], adapter=str(out / "adapter"), batch_size=cfg.batch_size,
-                             progress=False)
-        return HFBackend(str(materialise(out)), batch_size=cfg.batch_size, progress=False)
+        ft = modelref.read_finetuned(self.model_dir(which))
+        if ft.method == "lora":
+            return HFBackend(ft.base_model, adapter=str(ft.adapter), batch_size=cfg.batch_size, progress=False)
+        return HFBackend(str(modelref.materialise(ft.path)), batch_size=cfg.batch_size, progress=False)
 
     def train(self, which: str, base: str, data: str, val: str | None, settings,
               curves: dict[str, tuple[list[Scenario], dict[str, np.ndarray]]] | None = None) -> dict:
@@ -342,9 +357,9 @@ class Run:
         if base == "base":
             base_path = str(models.resolve(self.cfg.model))
         elif self.is_follower:  # rank 0 writes the merged model; the other ranks wait for it
-            base_path = str(_wait_for_merged(self.model_dir(base)))
+            base_path = str(modelref.wait_for_merged(self.model_dir(base)))
         else:
-            base_path = str(materialise(self.model_dir(base)))
+            base_path = str(modelref.materialise(self.model_dir(base)))
         fields = settings.model_dump(exclude=set(getattr(settings, "DATA", ())))  # the trainer's own settings
         if fields["batching"] == "auto":  # counterbalanced decisions come as adjacent A/B-swapped pairs
             fields["batching"] = "pairs" if self.cfg.counterbalance and data.startswith("instill") else "shuffle"
@@ -433,7 +448,7 @@ class Run:
             journal.close()
 
     def measure_choices(self, which: str, scenarios: Sequence[Scenario], n_trials: int, purpose: str,
-                        counterbalance: bool, out_name: str) -> dict:
+                        counterbalance: bool, out_name: str) -> "ChoiceMeasurement":
         """Choices of a model on fresh pairs -> a selections CSV in the paper's layout."""
         items = []
         for s in scenarios:
@@ -458,11 +473,8 @@ class Run:
         path = self.path(out_name)
         atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
         self.output(path)
-        p_a = np.array([journal[k]["p_a"] for k, _, _ in items])
-        mass = np.array([journal[k]["mass"] for k, _, _ in items])
-        return {"file": out_name, "n_choices": len(items), "a_rate": float(np.mean(p_a >= 0.5)),
-                "mean_p_a": float(p_a.mean()), "mean_mass": float(mass.mean()), "min_mass": float(mass.min()),
-                "_items": items, "_p_a": p_a}
+        return ChoiceMeasurement(out_name, items, np.array([journal[k]["p_a"] for k, _, _ in items]),
+                                 np.array([journal[k]["mass"] for k, _, _ in items]))
 
     def measure_reports(self, which: str, scenarios: Sequence[Scenario], version: str, out_name: str) -> dict:
         """Self-reports of a model -> a reports CSV in the paper's layout, raw replies beside it.
@@ -535,63 +547,13 @@ def _lock_holder(path: Path) -> int | None:
         return None
 
 
-def _wait_for_merged(finetuned: Path, timeout: float = 3600.0) -> Path:
-    out = finetuned / "merged"
-    deadline = time.monotonic() + timeout
-    while not ((out / "config.json").exists() and (out / ".complete").exists()):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{out}: rank 0 did not write the merged model within {timeout:.0f} s")
-        time.sleep(1.0)
-    return out
-
-
-def materialise(finetuned: Path) -> Path:
-    """A fine-tuned model as a plain HF model directory (LoRA merged), e.g. as the base of
-    further training. Written once, atomically, into ``finetuned/merged``."""
-    out = finetuned / "merged"
-    if (out / "config.json").exists() and (out / ".complete").exists():
-        return out
-    import shutil
-
-    from .finetune import load_finetuned
-
-    model, tok = load_finetuned(finetuned)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    tmp = finetuned / "merged.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / ".complete").write_text("")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Stage functions
 
 
-def _choose_scenarios(cfg: RunConfig) -> tuple[list[Scenario], list[Scenario]]:
-    n = cfg.n_instilled + cfg.n_native
-    pool = load_bank() if cfg.scenarios == "bank" else load(cfg.scenarios)
-    if len(pool) < n:
-        where = "the bundled bank" if cfg.scenarios == "bank" else cfg.scenarios
-        raise ScenarioError([Problem("scenarios", f"{where} has {len(pool)} scenarios; the run needs n_instilled + "
-                                     f"n_native = {cfg.n_instilled} + {cfg.n_native} = {n}")])
-    if cfg.scenarios == "bank":
-        pool = random.Random(cfg.seed).sample(pool, n)
-        pool = assign_roles(pool, load_bundled_roles(), cfg.seed)
-    else:
-        pool = pool[:n]
-        if not cfg.scenarios.endswith(".csv"):
-            pool = assign_roles(pool, load_bundled_roles(), cfg.seed)
-    return pool[: cfg.n_instilled], pool[cfg.n_instilled:]
-
-
 def stage_design(run: Run) -> dict:
     cfg = run.cfg
-    instilled, native = _choose_scenarios(cfg)
+    instilled, native = design.choose_scenarios(cfg.scenarios, cfg.n_instilled, cfg.n_native, cfg.seed)
     weights = {s.id: design.draw_weights(s, cfg.seed) for s in instilled}
     first, second = design.halves(instilled)
     ds = run.path("datasets")
@@ -691,9 +653,9 @@ def stage_instill(run: Run) -> dict:
 
 def stage_validate(run: Run) -> dict:
     cfg, d = run.cfg, run.design
-    m = run.measure_choices("instilled", d["instilled"], cfg.n_eval_trials, "eval", cfg.eval_counterbalance,
+    c = run.measure_choices("instilled", d["instilled"], cfg.n_eval_trials, "eval", cfg.eval_counterbalance,
                             f"{run.label}_instilled_selections.csv")
-    items, p_a = m.pop("_items"), m.pop("_p_a")
+    m, items, p_a = c.summary(), c.items, c.p_a
     truth = np.array([design.simulated_choice(s, d["weights"][s.id], p) == "A" for _, s, p in items])
     agreement = float(np.mean((p_a >= 0.5) == truth))
     ranges = layout.read_ranges(run.path("scenarios.json"), 5)
@@ -778,10 +740,8 @@ def stage_reports_itrained_last(run: Run) -> dict:
 
 def stage_native_choices(run: Run) -> dict:
     cfg = run.cfg
-    m = run.measure_choices("instilled", run.design["native"], cfg.n_native_trials, "native", cfg.eval_counterbalance,
-                            f"{run.label}_instilled_latent_selections.csv")
-    m.pop("_items"), m.pop("_p_a")
-    return m
+    return run.measure_choices("instilled", run.design["native"], cfg.n_native_trials, "native", cfg.eval_counterbalance,
+                               f"{run.label}_instilled_latent_selections.csv").summary()
 
 
 def stage_reports_native_instilled(run: Run) -> dict:
@@ -926,7 +886,7 @@ def _tokens(chat: Sequence[dict]) -> float:
 def prompt_sizes(cfg: RunConfig) -> dict[str, float]:
     """Mean tokens of the run's decision prompt, introspection prompt and report answer, from the
     run's own scenarios (up to 10 of them), about 3.2 characters a token."""
-    instilled, native = _choose_scenarios(cfg)
+    instilled, native = design.choose_scenarios(cfg.scenarios, cfg.n_instilled, cfg.n_native, cfg.seed)
     dec, intro, ans = [], [], []
     for s in (instilled + native)[:10]:
         p = design.sample_pairs(s, 1, cfg.seed, "estimate")[0]

@@ -21,7 +21,7 @@ import csv
 import json
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -55,10 +55,6 @@ class Attribute:
         if span >= 1:
             return 1
         return math.ceil(-math.log10(span)) + 1
-
-    def normalise(self, value: float) -> float:
-        """Min-max normalise a value of this attribute to [0, 1]."""
-        return (value - self.min) / self.span
 
 
 @dataclass(frozen=True)

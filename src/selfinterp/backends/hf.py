@@ -20,7 +20,6 @@ P(A) error on 128 prompts (max 0.044 -> 0.020 against float32; ``benchmarks/benc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from contextlib import contextmanager
@@ -33,17 +32,10 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
                           LogitsProcessorList, StoppingCriteria, StoppingCriteriaList)
 
-from .. import decoder, models, prompts
-from ..chat_template import render, supports_system
-from .base import (WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfReport, call_seeds,
+from .. import decoder, modelref, models, prompts
+from ..chat_template import ANSWER_LETTERS, answer_token_ids, encode, render, supports_system
+from .base import (WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, SelfReport, call_seeds,
                    json_object_end)
-
-ANSWER_LETTERS = ("A", "B")
-
-
-class AnswerTokenError(ValueError):
-    """The answer letters are not single, distinct tokens after the generation prompt."""
-
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
@@ -61,34 +53,6 @@ def pick_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = 
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
-
-
-def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of rendered chats. No special tokens are added: chat templates already write
-    their BOS where the model expects one, and a second BOS would change the model's input."""
-    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-
-
-def answer_token_ids(tokenizer: Any, prompt_text: str, letters: Sequence[str] = ANSWER_LETTERS) -> tuple[int, ...]:
-    """The token id of each answer letter as the model would write it right after ``prompt_text``.
-
-    The letter must add exactly one token to the prompt's tokens without changing them (so the
-    probability of that token is the probability of the answer), and letters must differ.
-    """
-    base = encode(tokenizer, [prompt_text])[0]
-    ids = []
-    for letter in letters:
-        full = encode(tokenizer, [prompt_text + letter])[0]
-        if full[: len(base)] != base or len(full) != len(base) + 1:
-            added = tokenizer.convert_ids_to_tokens(full[len(base) - 1:])
-            raise AnswerTokenError(
-                f"answer {letter!r} is not a single token after the generation prompt "
-                f"(tokenised as {added}); choice probabilities cannot be read from one position"
-            )
-        ids.append(full[-1])
-    if len(set(ids)) != len(ids):
-        raise AnswerTokenError(f"answers {list(letters)} map to the same token ids {ids}")
-    return tuple(ids)
 
 
 def _head_in(model: Any, dtype: torch.dtype) -> bool:
@@ -190,12 +154,8 @@ class HFBackend:
         adapter directory, or an output directory of :func:`selfinterp.finetune.finetune`
         (LoRA or full fine-tuning; loaded by that module, onto the base its manifest names)."""
         adapter = Path(self.adapter) if self.adapter else None
-        if adapter is not None and not (adapter / "adapter_config.json").is_file():
-            if not (adapter / "manifest.json").is_file():
-                raise FileNotFoundError(f"{adapter} is neither a peft adapter nor a selfinterp.finetune output")
-            from .. import finetune as ft
-
-            return ft.load_finetuned(adapter, dtype=str(self.dtype).removeprefix("torch."))
+        if adapter is not None and not modelref.is_peft_adapter(adapter):
+            return modelref.load_finetuned(adapter, dtype=str(self.dtype).removeprefix("torch."))
         tok = AutoTokenizer.from_pretrained(path)
         net = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         if adapter is not None:
@@ -436,30 +396,6 @@ class HFBackend:
             last = (len(context) - 1 + lens[s: s + self.batch_size] - 1).to(self.device)
             out.append(logits[torch.arange(len(batch), device=self.device), last].float())
         return torch.cat(out)
-
-    # ---------------------------------------------------------------------------------------
-    # Fine-tuning
-
-    def finetune(self, train: Any, val: Any, config: Any, out_dir: str | Path | None = None,
-                 **kwargs: Any) -> ModelRef:
-        """Fine-tune this backend's base model (delegated to :func:`selfinterp.finetune.finetune`).
-
-        ``train``/``val``: lists of {"messages": [...]} or JSONL paths; ``config``: a
-        ``FinetuneConfig`` or its dict; ``out_dir``: where the run is written (required).
-        The result loads with ``HFBackend(ref.base, adapter=ref.adapter)``.
-        """
-        if importlib.util.find_spec("selfinterp.finetune") is None:
-            raise NotImplementedError("fine-tuning is implemented in selfinterp.finetune, which is not available yet")
-        from .. import finetune as ft
-
-        if out_dir is None:
-            raise ValueError("HFBackend.finetune needs out_dir: the directory the fine-tuned model is written to")
-        if self.adapter:
-            raise ValueError("fine-tuning starts from a base model; this backend has an adapter loaded")
-        if isinstance(config, dict):
-            config = ft.FinetuneConfig.from_dict(config)
-        result = ft.finetune(self.info["path"], train, val, config, out_dir, progress=self.progress, **kwargs)
-        return ModelRef(base=self.model_name, adapter=str(result.path), metadata=dict(result.manifest))
 
 
 # --------------------------------------------------------------------------------------------

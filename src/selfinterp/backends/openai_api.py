@@ -54,7 +54,8 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from ..journal import atomic_write_json
-from .base import WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfReport, call_seeds
+from ..modelref import ModelRef
+from .base import WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, SelfReport, call_seeds
 
 OFFICIAL_BASE_URL = "https://api.openai.com/v1"
 JOB_STATE = "openai_job.json"
@@ -614,10 +615,9 @@ def estimate_plan(cfg: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
     and notes). Token counts come from the run's real prompts and examples (about 4 characters a
     token); prices from :data:`PRICES` overridden by ``openai.prices``."""
     from .. import design, prompts
-    from ..run import _choose_scenarios
 
     o = cfg.openai
-    instilled, native = _choose_scenarios(cfg)
+    instilled, native = design.choose_scenarios(cfg.scenarios, cfg.n_instilled, cfg.n_native, cfg.seed)
     scen = instilled + native
     weights = {s.id: design.draw_weights(s, cfg.seed) for s in scen}
     dec, intro, answer = [], [], []

@@ -29,8 +29,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import design, prompts, regression
+from ..journal import atomic_write_text
+from ..modelref import ModelRef
 from ..scenarios import Scenario
-from .base import WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfReport, call_seeds
+from .base import WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, SelfReport, call_seeds
 
 STATE = "simulated.json"
 DEFAULTS = dict(choice_noise=10.0, position_bias=0.0, fidelity=0.9, report_noise=250.0, report_bias=0.0,
@@ -164,9 +166,7 @@ class SimulatedBackend:
         state = {"weights": weights, "introspection_trained": self.introspection_trained or introspection > 0,
                  "trained_on": {"decision_examples": sum(len(v) for v in by_scenario.values()),
                                 "introspection_examples": introspection}}
-        tmp = out / (STATE + ".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(out / STATE)
+        atomic_write_text(out / STATE, json.dumps(state))
         return ModelRef(base="simulated", adapter=str(out), metadata=state["trained_on"])
 
 

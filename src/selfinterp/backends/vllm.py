@@ -7,9 +7,9 @@ transformers for this workload (continuous batching, prefix caching of the share
 What is identical to :mod:`selfinterp.backends.hf`, by construction:
 
 - the prompt tokens: chats are rendered with the model's own chat template by
-  :func:`selfinterp.chat_template.render` and tokenised by :func:`selfinterp.backends.hf.encode`
+  :func:`selfinterp.chat_template.render` and tokenised by :func:`selfinterp.chat_template.encode`
   here, then handed to vLLM as token ids (vLLM never applies a template itself);
-- the answer tokens: :func:`selfinterp.backends.hf.answer_token_ids` on the same probe prompt.
+- the answer tokens: :func:`selfinterp.chat_template.answer_token_ids` on the same probe prompt.
 
 Choices: one step of decoding per prompt (``max_tokens=1``, ``logprobs=20``); P(A) and P(B)
 are read from the top logprobs of the first generated token by token id, renormalised over the
@@ -53,9 +53,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import models, prompts
-from ..chat_template import render, supports_system
-from .base import (WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, ModelRef, SelfReport, call_seeds,
+from .. import modelref, models, prompts
+from ..chat_template import ANSWER_LETTERS, answer_token_ids, encode, render, supports_system
+from .base import (WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, SelfReport, call_seeds,
                    json_object_end)
 
 TOP_LOGPROBS = 20
@@ -257,8 +257,6 @@ class VLLMBackend:
         self.llm, self.start_seconds = engine(str(path), opts, enable_lora)
         from transformers import AutoTokenizer
 
-        from .hf import ANSWER_LETTERS, answer_token_ids
-
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.system_role = supports_system(self.tokenizer)
         probe = self.render(prompts.chat("Respond with A or B."))
@@ -288,17 +286,15 @@ class VLLMBackend:
         if adapter is None:
             return models.resolve(model), None
         a = Path(adapter)
-        if (a / "adapter_config.json").is_file():  # a bare peft adapter on ``model``
+        if modelref.is_peft_adapter(a):  # a bare peft adapter on ``model``
             if opts.adapters == "lora":
                 return models.resolve(model), a
             raise ValueError(f"{a}: a bare peft adapter can only be served as LoRA (vllm.adapters = 'lora'); "
                              "give the selfinterp.finetune output directory to have it merged")
-        manifest = json.loads((a / "manifest.json").read_text())
-        if manifest.get("method") == "lora" and opts.adapters == "lora":
-            return models.resolve(manifest["base_model"]), a / "adapter"
-        from ..run import materialise
-
-        return materialise(a), None
+        ft = modelref.read_finetuned(a)
+        if ft.method == "lora" and opts.adapters == "lora":
+            return models.resolve(ft.base_model), ft.adapter
+        return modelref.materialise(a), None
 
     # ---------------------------------------------------------------------------------------
 
@@ -306,8 +302,6 @@ class VLLMBackend:
         return render(self.tokenizer, chat, add_generation_prompt=True, system_role=self.system_role).text
 
     def _token_prompts(self, chats: Sequence[Messages]) -> list[list[int]]:
-        from .hf import encode
-
         return encode(self.tokenizer, [self.render(c) for c in chats])
 
     def _generate(self, token_ids: Sequence[Sequence[int]], params: Any) -> list[Any]:
@@ -416,11 +410,6 @@ class VLLMBackend:
         return reports
 
     # ---------------------------------------------------------------------------------------
-
-    def finetune(self, train: Any, val: Any, config: Any, out_dir: str | Path | None = None, **kwargs: Any) -> ModelRef:
-        """vLLM does not train: fine-tuning stays with :mod:`selfinterp.finetune` (trainer hf)."""
-        raise NotImplementedError("the vllm backend only runs models; fine-tuning is done by selfinterp.finetune "
-                                  "(trainer 'hf'), whose outputs this backend serves")
 
     def close(self) -> None:
         release()
