@@ -70,6 +70,8 @@ EFFECTS = [
 
 @dataclass
 class ConditionResult:
+    """One condition's result for one model: r with its CI, counts, statistics and the arrays behind them."""
+
     r: float
     ci: tuple[float, float]
     n_scenarios: int
@@ -88,6 +90,8 @@ class ConditionResult:
 
 @dataclass
 class ModelResult:
+    """One model's results: its conditions' results, the training effects and diagnostics."""
+
     conditions: dict[str, ConditionResult] = field(default_factory=dict)
     effects: dict[str, stats.Difference] = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
@@ -95,6 +99,8 @@ class ModelResult:
 
 @dataclass
 class Analysis:
+    """The paper's table for every model of a results directory, with the notes to print."""
+
     root: Path
     models: dict[str, ModelResult]
     n_boot: int
@@ -107,6 +113,8 @@ class Analysis:
 
 @dataclass(frozen=True)
 class Learned:
+    """Learned weights per identified scenario, the scenarios not identified and why, and their source."""
+
     weights: dict[str, np.ndarray]  # identified scenarios only
     flags: dict[str, str]           # scenarios whose fit was not identified -> why
     n_choices: int
@@ -195,6 +203,7 @@ class _Reader:
 
 def analyze_model(d: layout.Directory, model: str, n_boot: int = stats.N_BOOT, seed: int = 0,
                   read: _Reader | None = None) -> ModelResult:
+    """One model's conditions and training effects, from the files of a scanned results directory."""
     read = read or _Reader(strict=False)
     files = d.files[model]
     result = ModelResult()

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 @dataclass(frozen=True)
 class Rendered:
+    """A chat as the template wrote it, and whether the system prompt had to be folded in."""
+
     text: str
     folded_system: bool  # True when the template had no system role and the system prompt was folded
 

@@ -29,6 +29,7 @@ err = Console(stderr=True, soft_wrap=True)  # error messages stay whole lines (g
 
 
 def fail(message: str) -> None:
+    """Print ``message`` as an error on stderr and exit with code 1."""
     from rich.markup import escape
 
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
@@ -39,6 +40,7 @@ MAX_SEED = 2**32 - 1  # what every library seeded here takes (numpy, torch, rand
 
 
 def check_seed(seed: Optional[int]) -> None:
+    """Exit with an error unless ``seed`` is None or a whole number from 0 to ``MAX_SEED``."""
     if seed is not None and not 0 <= seed <= MAX_SEED:
         fail(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
 
@@ -258,6 +260,7 @@ def _p_text(p: float | None) -> str:
 
 
 def print_results(results: dict) -> None:
+    """Print each model's table of conditions and effects; flags and notes go to stderr."""
     from rich.markup import escape
 
     for model, conds in results["models"].items():
@@ -461,6 +464,7 @@ def print_spent(cfg, out: Path) -> None:
 
 
 def print_plan(cfg, out: Path, device: Optional[str] = None) -> None:
+    """Print a run's plan per stage (calls, examples, epochs), with time and memory estimates if made."""
     from . import estimate as est
     from .run import estimate_run
 
@@ -654,6 +658,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def escape_markup(text: str) -> str:
+    """``text`` with rich markup escaped, to print as it is."""
     from rich.markup import escape
 
     return escape(text)

@@ -26,15 +26,19 @@ from .layout import LayoutError
 
 @dataclass(frozen=True)
 class Source:
+    """One compared directory: its label, its analysed results and its flattened settings."""
+
     label: str
     results: Results
     settings: dict[str, Any] | None  # flattened config.json; None when the directory has none
 
     def series(self, model: str) -> str:
+        """The series name of ``model``: the source's label, with the model's name when it has several."""
         return self.label if len(self.results.models) == 1 else f"{self.label}: {model}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level with dotted keys (``instill.lr``); lists as JSON text."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -45,6 +49,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def read_settings(root: Path) -> dict[str, Any] | None:
+    """The directory's ``config.json`` flattened to dotted keys; None when it has none."""
     p = root / "config.json"
     if not p.is_file():
         return None
@@ -68,6 +73,8 @@ def labels(paths: list[Path]) -> list[str]:
 
 @dataclass(frozen=True)
 class Comparison:
+    """Analysed sources side by side: tables, settings that differ, a figure and files."""
+
     sources: tuple[Source, ...]
 
     def table(self) -> pd.DataFrame:
@@ -105,6 +112,7 @@ class Comparison:
         return pd.DataFrame(data, index=pd.Index(differ, name="setting"))
 
     def plot(self):
+        """r with its 95% CI per condition, one series per source and model (a matplotlib Figure)."""
         from .figures import forest
 
         t = self.table()
@@ -112,6 +120,7 @@ class Comparison:
                       title=f"{len(self.sources)} sources")
 
     def markdown(self) -> str:
+        """The comparison as Markdown: the sources, the table of r and the settings that differ."""
         lines = [f"# Comparison of {len(self.sources)} sources", ""]
         for s in self.sources:
             cfg = "settings from config.json" if s.settings is not None else "no config.json"
@@ -128,6 +137,7 @@ class Comparison:
         return "\n".join(lines) + "\n"
 
     def write(self, out: str | Path) -> list[Path]:
+        """Write comparison.md, comparison.csv, settings.csv and comparison.png into ``out``; their paths."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = [out / "comparison.md", out / "comparison.csv", out / "settings.csv", out / "comparison.png"]
@@ -140,6 +150,7 @@ class Comparison:
 
 
 def compare(paths: list[str | Path], paper: bool = False, n_boot: int = 2000, seed: int = 0) -> Comparison:
+    """A comparison of the given directories (and, with ``paper``, the paper's data), analysed alike."""
     roots = [Path(p) for p in paths]
     if paper:
         from .paperdata import location

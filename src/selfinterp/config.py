@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class Strict(BaseModel):
+    """A settings model that refuses unknown fields and cannot be changed once made."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -217,6 +219,8 @@ def _check_file_name(v: str, what: str) -> str:
 
 
 class RunConfig(Strict):
+    """Every setting of one run of the protocol on one model, validated on load."""
+
     name: str = Field("run", min_length=1)
     preset: Optional[str] = None
     backend: Literal["hf", "simulated", "openai", "vllm"] = Field("hf", description="the inference engine")
@@ -316,6 +320,7 @@ class RunConfig(Strict):
 
     @property
     def trainer_name(self) -> str:
+        """Who fine-tunes: ``trainer`` when set, else hf for the vllm backend and the backend itself otherwise."""
         return self.trainer or ("hf" if self.backend == "vllm" else self.backend)
 
     @property
@@ -409,6 +414,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def format_errors(e: ValidationError, source: str) -> str:
+    """A validation error as one message naming each invalid field, headed by ``source``."""
     problems = [f"{'.'.join(str(x) for x in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
     if len(problems) == 1:  # one problem, one line
         return f"{source}: invalid configuration: {problems[0]}"
@@ -416,6 +422,8 @@ def format_errors(e: ValidationError, source: str) -> str:
 
 
 class ConfigError(ValueError):
+    """A configuration that cannot be read or is invalid; the message names the file and field."""
+
     pass
 
 
@@ -451,6 +459,7 @@ def build(preset: str | None = None, file: str | Path | None = None, overrides: 
 
 
 def read_file(path: Path) -> dict[str, Any]:
+    """The settings table of a configuration file: TOML, YAML or (any other suffix) JSON."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -42,11 +42,13 @@ def backbone(model: nn.Module) -> nn.Module:
 
 
 def lm_head(model: nn.Module) -> nn.Module:
+    """The output layer (the lm_head) of an HF or peft causal LM."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_output_embeddings()
 
 
 def n_layers(model: nn.Module) -> int:
+    """The number of decoder layers of an HF or peft causal LM."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return int(base.config.num_hidden_layers)
 
@@ -216,6 +218,7 @@ class _PrefixKV:
 
 
 def attn_impl(stack: nn.Module) -> str:
+    """The attention implementation of a decoder stack ("eager" when unset)."""
     return getattr(stack.config, "_attn_implementation", None) or "eager"
 
 
@@ -276,6 +279,7 @@ def top_hidden_shared(model: nn.Module, prefix: torch.Tensor, suffixes: torch.Te
 
 
 def check_split(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, h: torch.Tensor, first: int) -> None:
+    """Raise NotImplementedError unless the layers from ``first`` on ``h`` reproduce the model's forward."""
     full = decoder_stack(model)(input_ids=ids, attention_mask=mask).last_hidden_state
     split = top_hidden(model, h, mask, first)
     real = mask.bool()

@@ -97,6 +97,7 @@ class Pair:
     swapped: bool = False  # True for the counterbalanced copy of a pair (A and B exchanged)
 
     def swap(self) -> "Pair":
+        """The same pair with A and B exchanged (``swapped`` flipped)."""
         return Pair(self.scenario_id, self.b, self.a, not self.swapped)
 
 

@@ -49,20 +49,24 @@ class Shape:
 
     @property
     def head_dim(self) -> int:
+        """Dimensions per attention head (the hidden size over the heads)."""
         return self.hidden // self.heads
 
     @property
     def layer_params(self) -> int:
+        """Parameters of one decoder layer: attention, the SwiGLU MLP and its two norms."""
         kv = self.kv_heads * self.head_dim
         attention = 2 * self.hidden * self.hidden + 2 * self.hidden * kv
         return attention + 3 * self.hidden * self.intermediate + 2 * self.hidden
 
     @property
     def embedding_params(self) -> int:
+        """Parameters of the input embedding and, unless tied to it, the output layer."""
         return self.vocab * self.hidden * (1 if self.tied else 2)
 
     @property
     def params(self) -> int:
+        """Parameters of the whole model: every layer, the embeddings and the final norm."""
         return self.layers * self.layer_params + self.embedding_params + self.hidden
 
     def lora_params(self, rank: int, layers: int) -> int:
@@ -79,6 +83,7 @@ class Shape:
 
     @property
     def head_flops(self) -> float:
+        """Forward FLOPs of the output layer for one token."""
         return 2 * self.hidden * self.vocab
 
     def activation_bytes_per_token(self, checkpointing: bool = False, dtype_bytes: int = 2,
@@ -155,6 +160,7 @@ class Device:
 
     @property
     def key(self) -> str:
+        """The device's part of the key of its recorded rates (its name)."""
         return self.name
 
 
@@ -294,6 +300,8 @@ DISK_GBS = 1.0
 
 @dataclass(frozen=True)
 class Rate:
+    """An effective rate for one kind of work, and what it rests on."""
+
     flops: float  # effective FLOP/s (for "step": seconds per decode step instead)
     basis: str
 
@@ -309,10 +317,12 @@ def rates_file() -> Path | None:
 
 
 def machine_key(device: Device) -> str:
+    """The key of this machine and device in the record of achieved rates (host name | device)."""
     return f"{platform.node()}|{device.key}"
 
 
 def read_recorded(path: Path | None = None) -> dict:
+    """The achieved rates recorded in ``path`` (the rates file by default); empty if none or unreadable."""
     path = path or rates_file()
     if path is None:
         return {}
@@ -403,6 +413,8 @@ class Work:
 
 @dataclass(frozen=True)
 class StageEstimate:
+    """One stage's estimate: seconds, peak device and host memory, FLOPs, and seconds and FLOPs by part."""
+
     stage: str
     seconds: float
     device_gib: float  # peak memory on the device (for a CPU: the process's RAM)
@@ -414,6 +426,8 @@ class StageEstimate:
 
 @dataclass(frozen=True)
 class Estimate:
+    """A run's estimate on a device: every stage's, what it rests on, whether it fits and why not."""
+
     device: Device
     shape: Shape | None
     stages: tuple[StageEstimate, ...]
@@ -423,13 +437,16 @@ class Estimate:
 
     @property
     def seconds(self) -> float:
+        """Seconds of the whole run (every stage's, summed)."""
         return sum(s.seconds for s in self.stages)
 
     @property
     def peak_gib(self) -> float:
+        """The largest device memory any stage needs, GiB."""
         return max((s.device_gib for s in self.stages), default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
+        """The estimate as a JSON-ready dict, rounded, with one entry per stage."""
         return {"device": self.device.name, "model": self.shape.name if self.shape else None,
                 "seconds": round(self.seconds, 1), "peak_gib": round(self.peak_gib, 2), "fits": self.fits,
                 "problems": list(self.problems), "basis": list(self.basis),
@@ -461,6 +478,7 @@ def training_memory(shape: Shape, w: Work) -> dict[str, float]:
 
 
 def inference_memory(shape: Shape, w: Work) -> dict[str, float]:
+    """GiB by part for one scoring or generating stage: weights, KV cache, working memory, logits."""
     tokens = w.batch_size * (w.prompt_tokens + w.new_tokens)
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * BYTES[w.dtype]
     work = w.batch_size * (w.prompt_tokens + w.new_tokens) * (shape.hidden * 4 + shape.intermediate * 2) * BYTES[w.dtype]
@@ -470,6 +488,7 @@ def inference_memory(shape: Shape, w: Work) -> dict[str, float]:
 
 def estimate_stage(shape: Shape, w: Work, device: Device, model: str, recorded: Mapping | None = None,
                    basis: dict[str, str] | None = None) -> StageEstimate:
+    """Seconds, memory and FLOPs of one stage on ``device``; each rate's basis goes into ``basis``."""
     basis = {} if basis is None else basis
     load = MODEL_LOAD_S + _weights_gib(shape, w.dtype) * GIB / (DISK_GBS * 1e9) if w.kind != "none" else 0.0
     parts: dict[str, float] = {"load": load} if load else {}

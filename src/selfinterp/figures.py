@@ -31,6 +31,7 @@ def _pyplot():
 
 
 def accuracy_chart(a: Analysis, model: str, path: Path) -> Path:
+    """Write ``model``'s bar chart of r with its 95% CI per condition to ``path``; the path."""
     plt = _pyplot()
     conds = a.models[model].conditions
     names = [c.name for c in CONDITIONS if c.name in conds]
@@ -55,6 +56,7 @@ def accuracy_chart(a: Analysis, model: str, path: Path) -> Path:
 
 
 def scatter_grid(a: Analysis, model: str, path: Path) -> Path:
+    """Write ``model``'s scatter plots (per condition: values against its weights) to ``path``; the path."""
     plt = _pyplot()
     conds = a.models[model].conditions
     names = [c.name for c in CONDITIONS if c.name in conds and conds[c.name].x is not None]
@@ -85,6 +87,7 @@ def scatter_grid(a: Analysis, model: str, path: Path) -> Path:
 
 
 def write_all(a: Analysis, out: Path) -> list[Path]:
+    """Write the accuracy chart and scatter grid of every model with results into ``out``; their paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for model in a.models:

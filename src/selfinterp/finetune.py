@@ -70,6 +70,8 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 @dataclass
 class FinetuneConfig:
+    """Every setting of one fine-tuning run: method, trained layers, optimiser, batching, losses."""
+
     method: Literal["lora", "full"] = "lora"
     # None trains every decoder layer; k trains only the top k (LoRA adapters or full weights).
     # Embeddings and the LM head stay frozen in both methods: they are tied in the small models,
@@ -171,12 +173,14 @@ class FinetuneConfig:
             raise ValueError("early_stop_patience needs eval_every (the evaluations it watches) and must be positive")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (the LoRA target modules as a list)."""
         d = dataclasses.asdict(self)
         d["lora_target_modules"] = list(self.lora_target_modules)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
+        """The config that a dict of its settings describes (as :meth:`to_dict` gives them)."""
         return cls(**d)
 
 
@@ -186,6 +190,8 @@ class FinetuneConfig:
 
 @dataclass
 class TokenizedExample:
+    """One tokenised training example: ids, completion-only labels, and any soft or read-out targets."""
+
     input_ids: list[int]
     labels: list[int]  # IGNORE on the prompt (and on the end-of-turn marker with loss_on="answer")
     folded_system: bool  # the template has no system role: the system prompt went into the first user turn
@@ -196,6 +202,7 @@ class TokenizedExample:
 
     @property
     def n_supervised(self) -> int:
+        """How many tokens carry a label (are not IGNORE)."""
         return sum(1 for t in self.labels if t != IGNORE)
 
 
@@ -1143,6 +1150,7 @@ def release_memory() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """The command line: fine-tune a base model on JSONL chat examples into an output directory."""
     import argparse
 
     ap = argparse.ArgumentParser(description="Fine-tune a local model on chat examples (JSONL).")

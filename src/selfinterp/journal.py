@@ -25,6 +25,8 @@ class JournalBusy(RuntimeError):
 
 
 class Journal:
+    """An append-only JSONL record of model-call results by key, held under an exclusive lock."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +85,7 @@ class Journal:
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
+        """Close the journal's file, releasing its lock."""
         self._file.close()  # releases the lock
 
     def __enter__(self) -> "Journal":
@@ -129,6 +132,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (numpy values and paths included)."""
     atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False, default=_jsonable) + "\n")
 
 
@@ -145,6 +149,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def sha256_file(path: str | Path) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -153,4 +158,5 @@ def sha256_file(path: str | Path) -> str:
 
 
 def sha256_json(obj: Any) -> str:
+    """The SHA-256 hex digest of ``obj`` as JSON with sorted keys."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_jsonable).encode()).hexdigest()

@@ -81,10 +81,12 @@ class Directory:
 
     @property
     def models(self) -> list[str]:
+        """The models that have files in the directory, sorted."""
         return sorted(self.files)
 
 
 def scan(root: str | Path) -> Directory:
+    """What the results directory ``root`` holds, by model and kind of file."""
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"{root}: not a directory")
@@ -127,6 +129,7 @@ class Findings:
     kept: list[str] = field(default_factory=list)
 
     def keep(self, message: str) -> None:
+        """Note ``message`` as kept but counted; with ``strict``, raise it as a LayoutError instead."""
         if self.strict:
             raise LayoutError(f"{message} (refused: --strict)")
         self.kept.append(message)
@@ -145,11 +148,13 @@ class Table:
         return len(self.rows)
 
     def require(self, columns: list[str]) -> None:
+        """Raise a LayoutError naming any of ``columns`` the file lacks."""
         missing = [c for c in columns if c not in self.columns]
         if missing:
             raise LayoutError(f"{self.path}: missing column(s) {', '.join(missing)} (has: {', '.join(self.columns)})")
 
     def text(self, column: str) -> np.ndarray:
+        """One column's cells as text, one per row."""
         j = self.columns.index(column)
         return np.array([r[j] for r in self.rows], dtype=object)
 
@@ -257,15 +262,19 @@ def read_table(path: Path) -> Table:
 
 @dataclass(frozen=True)
 class Ranges:
+    """Per scenario: the attribute names and each attribute's minimum and maximum."""
+
     names: dict[str, list[str]]   # scenario -> attribute names
     lo: dict[str, np.ndarray]     # scenario -> (k,) minima
     hi: dict[str, np.ndarray]     # scenario -> (k,) maxima
 
     def normalise(self, scenario: str, values: np.ndarray) -> np.ndarray:
+        """A scenario's attribute values min-max normalised to its ranges (0 at the minimum, 1 at the maximum)."""
         return (values - self.lo[scenario]) / (self.hi[scenario] - self.lo[scenario])
 
 
 def read_ranges(path: Path, k: int, findings: Findings | None = None) -> Ranges:
+    """Every scenario's attribute names and ranges, from a scenarios.csv or a scenarios.json file."""
     findings = findings or Findings()
     if path.suffix == ".json":
         from .scenarios import ScenarioError, load
@@ -300,6 +309,8 @@ def read_ranges(path: Path, k: int, findings: Findings | None = None) -> Ranges:
 
 @dataclass(frozen=True)
 class Choices:
+    """Choice trials: the scenario, both options' values and the choice (or P(A)) of each."""
+
     scenario: np.ndarray  # (n,) scenario ids
     a: np.ndarray         # (n, k) option A's values
     b: np.ndarray         # (n, k) option B's values
@@ -307,6 +318,7 @@ class Choices:
 
 
 def read_choices(path: Path, k: int, findings: Findings | None = None) -> Choices:
+    """The choices of a selections file: A/B selections, or P(A) when it has a p_a column."""
     findings = findings or Findings()
     t = read_table(path)
     a_cols = [f"A_attribute_{j}" for j in range(1, k + 1)]
@@ -335,12 +347,15 @@ def read_choices(path: Path, k: int, findings: Findings | None = None) -> Choice
 
 @dataclass(frozen=True)
 class Reports:
+    """Self-reports: each one's scenario and weights, and how many rows hold values outside the scale."""
+
     scenario: np.ndarray  # (n,) scenario ids
     weights: np.ndarray   # (n, k) reported weights
     n_outside: int = 0    # rows with a value outside [-100, 100]: kept, counted
 
 
 def read_reports(path: Path, k: int, findings: Findings | None = None) -> Reports:
+    """The self-reports of a weight-reports file; values outside [-100, 100] are kept but counted."""
     findings = findings or Findings()
     t = read_table(path)
     cols = [f"report_attr{j}" for j in range(1, k + 1)]
@@ -375,6 +390,7 @@ def read_weights(path: Path, k: int, findings: Findings | None = None) -> dict[s
 
 
 def write_weights(path: Path, weights: dict[str, np.ndarray], prefix: str = "b_attr") -> None:
+    """Write weights per scenario as a CSV (``scenario, <prefix>1..k``), rounded to integers."""
     k = len(next(iter(weights.values())))
     df = pd.DataFrame([[s, *np.round(w).astype(int)] for s, w in weights.items()],
                       columns=["scenario"] + [f"{prefix}{j}" for j in range(1, k + 1)])

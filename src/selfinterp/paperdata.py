@@ -33,6 +33,8 @@ from importlib import resources
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+from .journal import sha256_file
+
 URL_ENV = "SELFINTERP_PAPER_DATA_URL"
 CHUNK = 1 << 16
 
@@ -51,6 +53,8 @@ class HTTPStatus(PaperDataError):
 
 @dataclass(frozen=True)
 class Entry:
+    """One file of the paper's data: its name, size, sha256, and what needs it."""
+
     name: str
     bytes: int
     sha256: str
@@ -58,11 +62,14 @@ class Entry:
 
     @property
     def required(self) -> bool:
+        """Whether the analysis needs the file (not only the documentation)."""
         return self.needed_by == "analysis"
 
 
 @dataclass(frozen=True)
 class Manifest:
+    """Where the paper's data are pinned (repository, commit, folder) and every file's entry."""
+
     repository: str
     commit: str
     folder: str
@@ -70,33 +77,30 @@ class Manifest:
 
     @property
     def default_url(self) -> str:
+        """The raw.githubusercontent.com URL of the data folder at the pinned commit."""
         return f"https://raw.githubusercontent.com/{self.repository}/{self.commit}/{self.folder}/"
 
 
 @dataclass(frozen=True)
 class Fetched:
+    """What fetching did for one file: cached, downloaded, copied or absent."""
+
     name: str
     how: str  # "cached" (already there, checked), "downloaded", "copied", "absent" (optional, 404)
 
 
 def manifest() -> Manifest:
+    """The manifest of the paper's data shipped with the package (``data/paper_data.json``)."""
     data = json.loads((resources.files("selfinterp") / "data" / "paper_data.json").read_text(encoding="utf-8"))
     return Manifest(data["repository"], data["commit"], data["folder"],
                     tuple(Entry(f["name"], int(f["bytes"]), f["sha256"], f["needed_by"]) for f in data["files"]))
 
 
 def cache_dir(m: Manifest | None = None) -> Path:
+    """The cache directory of the paper's data at the manifest's pinned commit."""
     from .models import cache_base
 
     return cache_base() / "paper-data" / (m or manifest()).commit
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _is_valid(path: Path, e: Entry) -> bool:

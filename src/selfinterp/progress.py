@@ -55,18 +55,22 @@ class LogProgress:
         self.stop()
 
     def start(self) -> None:
+        """Nothing to start (rich's interface): lines are printed as the tasks move."""
         pass
 
     def stop(self) -> None:
+        """Remove every task, with a last line for each that did not finish."""
         for tid in list(self.tasks):
             self.remove_task(tid)
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> int:
+        """The id of a new task with this description, total and fields."""
         tid, self._next = self._next, self._next + 1
         self.tasks[tid] = _Task(description, total or 0, completed, fields, last_print=time.time())
         return tid
 
     def update(self, tid: int, advance: float = 0, completed: float | None = None, **fields: Any) -> None:
+        """Move a task on or set it; a line at most every ``every`` seconds, and one when it is complete."""
         t = self.tasks[tid]
         t.completed = completed if completed is not None else t.completed + advance
         t.fields.update(fields)
@@ -75,9 +79,11 @@ class LogProgress:
             self._print(t, now)
 
     def advance(self, tid: int, advance: float = 1) -> None:
+        """Move a task on by ``advance``."""
         self.update(tid, advance=advance)
 
     def remove_task(self, tid: int) -> None:
+        """Remove a task, with a line saying where it stopped if it did not finish."""
         t = self.tasks.pop(tid)
         if t.completed < (t.total or 0):  # stopped early: say where
             self._print(t, time.time())

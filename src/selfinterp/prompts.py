@@ -52,10 +52,12 @@ def _options_block(scenario: Scenario, a: Sequence[float], b: Sequence[float]) -
 
 
 def decision_prompt(scenario: Scenario, a: Sequence[float], b: Sequence[float]) -> str:
+    """The decision task's user message: the instruction, then the question and options A and B."""
     return f"{DECISION_INSTRUCTION}\n\n{_options_block(scenario, a, b)}"
 
 
 def introspection_prompt(scenario: Scenario, a: Sequence[float], b: Sequence[float]) -> str:
+    """The introspection task's user message: the instruction for k weights, then the question and options."""
     k = scenario.k
     k_word = _NUMBER_WORDS[k] if k < len(_NUMBER_WORDS) else str(k)
     head = INTROSPECTION_INSTRUCTION.format(k=k, k_word=k_word)
@@ -78,11 +80,13 @@ def chat(user: str, assistant: str | None = None, system: str = SYSTEM_PROMPT) -
 
 
 def decision_chat(scenario: Scenario, a: Sequence[float], b: Sequence[float], answer: str | None = None) -> Messages:
+    """A decision prompt as a chat, with ``answer`` as the assistant's turn when given."""
     return chat(decision_prompt(scenario, a, b), answer)
 
 
 def introspection_chat(scenario: Scenario, a: Sequence[float], b: Sequence[float],
                        weights: Sequence[float] | None = None) -> Messages:
+    """An introspection prompt as a chat, answered with ``weights`` as report JSON when given."""
     return chat(introspection_prompt(scenario, a, b), None if weights is None else report_json(scenario, weights))
 
 

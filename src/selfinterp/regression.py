@@ -42,6 +42,7 @@ class PreferenceFit:
 
     @property
     def identified(self) -> np.ndarray:
+        """(S,) whether each scenario's fit is identified (has no flag)."""
         return self.flags == ""
 
 

@@ -63,6 +63,7 @@ def _img(path: Path, alt: str) -> str:
 
 
 def write_report(run) -> Path:
+    """Write the run's self-contained report.html (table, figures, diagnostics, provenance); its path."""
     root: Path = run.root
     cfg = run.cfg
     results = json.loads((root / "analysis" / "results.json").read_text())

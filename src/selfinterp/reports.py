@@ -78,6 +78,8 @@ _SNIPPET = 60
 
 @dataclass(frozen=True)
 class ParsedReport:
+    """One reply as parsed: its weights in attribute order, or why it was rejected."""
+
     raw: str
     weights: tuple[float, ...] | None
     reason: str | None
@@ -91,6 +93,7 @@ class ParsedReport:
 
     @property
     def ok(self) -> bool:
+        """Whether the reply parsed (has no rejection reason)."""
         return self.reason is None
 
 
@@ -504,13 +507,16 @@ class ParseSummary:
 
     @property
     def n_rejected(self) -> int:
+        """How many replies were rejected."""
         return self.n_total - self.n_ok
 
     @property
     def ok_rate(self) -> float:
+        """The share of replies that parsed (NaN when there are none)."""
         return self.n_ok / self.n_total if self.n_total else math.nan
 
     def add(self, label: str, report: ParsedReport) -> None:
+        """Count one parsed reply, keeping it with its label if it was rejected."""
         self.n_total += 1
         if report.ok:
             self.n_ok += 1

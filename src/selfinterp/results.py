@@ -25,6 +25,7 @@ class Results:
 
     @property
     def models(self) -> list[str]:
+        """The models in the results, in their order there."""
         return list(self.results["models"])
 
     def _pick(self, model: str | None) -> list[str]:
@@ -77,6 +78,7 @@ class Results:
         return list(self.results.get("notes", []))
 
     def to_json(self) -> dict:
+        """The results as the ``results.json`` dict."""
         return self.results
 
     def __repr__(self) -> str:

@@ -52,6 +52,8 @@ class GateFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage of the protocol: its name, title, needs, the settings it reads and what runs it."""
+
     name: str
     title: str
     needs: tuple[str, ...]
@@ -83,6 +85,8 @@ class ChoiceMeasurement:
 
 
 class Run:
+    """The protocol for one config in a run directory: its stages, their recorded state, its models."""
+
     def __init__(self, config: RunConfig, root: str | Path, force: bool = False, progress: bool = True,
                  console: Any = None):
         from rich.console import Console
@@ -102,9 +106,11 @@ class Run:
     # -- bookkeeping
 
     def path(self, *parts: str) -> Path:
+        """A path inside the run directory."""
         return self.root.joinpath(*parts)
 
     def stages(self) -> list[Stage]:
+        """The run's stages in order (native and control ones only when the config asks for them)."""
         return [s for s in STAGES if not (s.native and self.cfg.n_native == 0)
                 and not (s.control and not self.cfg.cross_model_control)]
 
@@ -112,6 +118,7 @@ class Run:
         return self.path("stages", f"{name}.json")
 
     def state(self, name: str) -> dict | None:
+        """A stage's recorded state (key, outputs, summary...), or None if absent or corrupt."""
         p = self._state_file(name)
         if not p.exists():
             return None
@@ -121,6 +128,7 @@ class Run:
             return None  # a corrupt state file: the stage is redone
 
     def key(self, stage: Stage) -> str:
+        """A stage's key: the hash of the settings it reads and of the outputs of the stages it needs."""
         upstream = {}
         for n in stage.needs:
             st = self.state(n)
@@ -139,6 +147,7 @@ class Run:
                             "config": self.cfg.hash_fields(*fields, legacy=True), "needs": upstream})
 
     def is_done(self, stage: Stage) -> bool:
+        """Whether a stage finished under its current (or legacy) key with its outputs unchanged."""
         st = self.state(stage.name)
         if not st or st.get("key") not in (self.key(stage), self.legacy_key(stage)):
             return False
@@ -287,6 +296,7 @@ class Run:
 
     @property
     def design(self) -> dict[str, Any]:
+        """The design (design.json: scenarios, instilled weights, halves), read once."""
         if self._design is None:
             data = json.loads(self.path("design.json").read_text())
             from .scenarios import parse
@@ -299,11 +309,13 @@ class Run:
 
     @property
     def all_scenarios(self) -> list[Scenario]:
+        """Every scenario of the design: the instilled ones, then the native ones."""
         return self.design["instilled"] + self.design["native"]
 
     # -- models
 
     def model_dir(self, which: str) -> Path:
+        """The directory of the model ``which`` ("instilled", "itrained_first", ...) under models/."""
         return self.path("models", which)
 
     def backend(self, which: str):
@@ -552,6 +564,7 @@ def _lock_holder(path: Path) -> int | None:
 
 
 def stage_design(run: Run) -> dict:
+    """Stage design: scenarios, weights -> datasets/, instilled_weights.csv, scenarios.json, design.json."""
     cfg = run.cfg
     instilled, native = design.choose_scenarios(cfg.scenarios, cfg.n_instilled, cfg.n_native, cfg.seed)
     weights = {s.id: design.draw_weights(s, cfg.seed) for s in instilled}
@@ -646,12 +659,14 @@ def _fold_curves(run: Run, trained: list[Scenario], heldout: list[Scenario], inn
 
 
 def stage_instill(run: Run) -> dict:
+    """Stage instill: fine-tune the base model on the preference examples into models/instilled."""
     curves = {"instilled": (run.design["instilled"], run.design["weights"])} if run.cfg.report_curves else None
     return run.train("instilled", "base", "instill_train.jsonl",
                      "instill_val.jsonl" if run.cfg.n_val else None, run.cfg.instill, curves)
 
 
 def stage_validate(run: Run) -> dict:
+    """Stage validate: held-out choices of the instilled model (selections CSV); the instillation gate."""
     cfg, d = run.cfg, run.design
     c = run.measure_choices("instilled", d["instilled"], cfg.n_eval_trials, "eval", cfg.eval_counterbalance,
                             f"{run.label}_instilled_selections.csv")
@@ -684,10 +699,12 @@ def stage_validate(run: Run) -> dict:
 
 
 def stage_reports_base(run: Run) -> dict:
+    """Stage reports_base: the base model's self-reports (control) -> <label>_weight_reports.csv."""
     return run.measure_reports("base", run.design["instilled"], "base", f"{run.label}_weight_reports.csv")
 
 
 def stage_reports_instilled(run: Run) -> dict:
+    """Stage reports_instilled: the instilled model's self-reports -> its weight reports CSV."""
     return run.measure_reports("instilled", run.design["instilled"], "instilled",
                                f"{run.label}_instilled_weight_reports.csv")
 
@@ -711,14 +728,17 @@ def _train_on_fold(run: Run, which: str, base: str, fold: str) -> dict:
 
 
 def stage_itrain_first(run: Run) -> dict:
+    """Stage itrain_first: introspection training on the first half -> models/itrained_first."""
     return _train_on_fold(run, "itrained_first", "instilled", "first")
 
 
 def stage_itrain_last(run: Run) -> dict:
+    """Stage itrain_last: introspection training on the second half -> models/itrained_last."""
     return _train_on_fold(run, "itrained_last", "instilled", "last")
 
 
 def stage_itrain_all(run: Run) -> dict:
+    """Stage itrain_all: introspection training on every instilled scenario -> models/itrained_all."""
     return _train_on_fold(run, "itrained_all", "instilled", "all")
 
 
@@ -729,27 +749,32 @@ def _fold_name(run: Run, which: str) -> str:
 
 
 def stage_reports_itrained_first(run: Run) -> dict:
+    """Stage reports_itrained_first: reports on the second half after training on the first -> CSV."""
     _, second = _halves(run)
     return run.measure_reports("itrained_first", second, "itrained_first", _fold_name(run, "first"))
 
 
 def stage_reports_itrained_last(run: Run) -> dict:
+    """Stage reports_itrained_last: reports on the first half after training on the second -> CSV."""
     first, _ = _halves(run)
     return run.measure_reports("itrained_last", first, "itrained_last", _fold_name(run, "last"))
 
 
 def stage_native_choices(run: Run) -> dict:
+    """Stage native_choices: the instilled model's choices on native scenarios -> latent selections CSV."""
     cfg = run.cfg
     return run.measure_choices("instilled", run.design["native"], cfg.n_native_trials, "native", cfg.eval_counterbalance,
                                f"{run.label}_instilled_latent_selections.csv").summary()
 
 
 def stage_reports_native_instilled(run: Run) -> dict:
+    """Stage reports_native_instilled: the instilled model's reports on native scenarios -> CSV."""
     return run.measure_reports("instilled", run.design["native"], "instilled_latent",
                                f"{run.label}_instilled_latent_weight_reports.csv")
 
 
 def stage_reports_native_itrained(run: Run) -> dict:
+    """Stage reports_native_itrained: reports on native scenarios after training on all -> CSV."""
     n = len(run.design["instilled"])
     return run.measure_reports("itrained_all", run.design["native"], "itrained_all_latent",
                                f"{run.label}_itrained_all_{n}_latent_weight_reports.csv")
@@ -764,36 +789,43 @@ def stage_reports_native_itrained(run: Run) -> dict:
 # against the instilled model's learned weights).
 
 def stage_itrain_control_first(run: Run) -> dict:
+    """Stage itrain_control_first: the base model's introspection training on the first half."""
     return _train_on_fold(run, "control_first", "base", "first")
 
 
 def stage_itrain_control_last(run: Run) -> dict:
+    """Stage itrain_control_last: the base model's introspection training on the second half."""
     return _train_on_fold(run, "control_last", "base", "last")
 
 
 def stage_itrain_control_all(run: Run) -> dict:
+    """Stage itrain_control_all: the base model's introspection training on every instilled scenario."""
     return _train_on_fold(run, "control_all", "base", "all")
 
 
 def stage_reports_control_first(run: Run) -> dict:
+    """Stage reports_control_first: the control's reports on the second half -> CSV."""
     _, second = _halves(run)
     return run.measure_reports("control_first", second, "control_itrained_first",
                                _fold_name(run, "first").replace("_itrained_", "_control_itrained_", 1))
 
 
 def stage_reports_control_last(run: Run) -> dict:
+    """Stage reports_control_last: the control's reports on the first half -> CSV."""
     first, _ = _halves(run)
     return run.measure_reports("control_last", first, "control_itrained_last",
                                _fold_name(run, "last").replace("_itrained_", "_control_itrained_", 1))
 
 
 def stage_reports_control_native(run: Run) -> dict:
+    """Stage reports_control_native: the control's reports on native scenarios -> CSV."""
     n = len(run.design["instilled"])
     return run.measure_reports("control_all", run.design["native"], "control_itrained_all_latent",
                                f"{run.label}_control_itrained_all_{n}_latent_weight_reports.csv")
 
 
 def stage_analysis(run: Run) -> dict:
+    """Stage analysis: the paper's table -> analysis/results.json, with the figures beside it."""
     from .figures import write_all
 
     a = analysis.analyze(run.root, seed=run.cfg.seed)
@@ -807,6 +839,7 @@ def stage_analysis(run: Run) -> dict:
 
 
 def stage_report(run: Run) -> dict:
+    """Stage report: the run's report.html."""
     from .report import write_report
 
     path = write_report(run)

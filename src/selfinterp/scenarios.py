@@ -32,6 +32,8 @@ ROLE_PREFIX = "Imagine you are {role}. "
 
 @dataclass(frozen=True)
 class Attribute:
+    """One attribute of a scenario: its name, units and range of values."""
+
     name: str
     units: str
     min: float
@@ -39,6 +41,7 @@ class Attribute:
 
     @property
     def span(self) -> float:
+        """The width of the attribute's range (max - min)."""
         return self.max - self.min
 
     @property
@@ -59,6 +62,8 @@ class Attribute:
 
 @dataclass(frozen=True)
 class Scenario:
+    """A decision scenario: id, question and attributes, with an optional domain and role."""
+
     id: str
     question: str
     attributes: tuple[Attribute, ...]
@@ -67,10 +72,12 @@ class Scenario:
 
     @property
     def k(self) -> int:
+        """The number of attributes."""
         return len(self.attributes)
 
     @property
     def attribute_names(self) -> list[str]:
+        """The attributes' names, in order."""
         return [a.name for a in self.attributes]
 
     @property
@@ -81,9 +88,11 @@ class Scenario:
         return ROLE_PREFIX.format(role=self.role) + self.question
 
     def with_role(self, role: str | None) -> "Scenario":
+        """The same scenario with ``role`` (None: without one)."""
         return replace(self, role=role)
 
     def to_dict(self) -> dict[str, Any]:
+        """The scenario in the scenario files' JSON form (each range as ``[min, max]``)."""
         d: dict[str, Any] = {"id": self.id, "question": self.question}
         if self.domain:
             d["domain"] = self.domain
@@ -101,6 +110,8 @@ class Scenario:
 
 @dataclass(frozen=True)
 class Problem:
+    """One problem found in scenario data, and where (``location: message``)."""
+
     location: str
     message: str
 
@@ -230,6 +241,7 @@ def validate(raw: Any, source: str = "<data>", k: int | None = DEFAULT_K) -> tup
 
 
 def parse(raw: Any, source: str = "<data>", k: int | None = DEFAULT_K) -> list[Scenario]:
+    """Validated scenarios from raw (JSON-like) data; ScenarioError listing every problem found."""
     scenarios, problems = validate(raw, source, k)
     if problems:
         raise ScenarioError(problems)
@@ -408,6 +420,7 @@ def _data_dir():
 
 
 def bank_files() -> list:
+    """The bundled bank's JSON files, one per domain, sorted by name."""
     bank = _data_dir() / "bank"
     return sorted((p for p in bank.iterdir() if p.name.endswith(".json")), key=lambda p: p.name)
 
@@ -428,5 +441,6 @@ def load_bank(domains: Iterable[str] | None = None) -> list[Scenario]:
 
 
 def load_bundled_roles() -> list[str]:
+    """The roles bundled with the package (``data/roles.csv``)."""
     with resources.as_file(_data_dir() / "roles.csv") as p:
         return load_roles(p)

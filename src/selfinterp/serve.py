@@ -34,11 +34,15 @@ from .backends.vllm import adapter_rank
 
 
 class ServeError(RuntimeError):
+    """A target cannot be served, or no Python with vLLM was found; the message says why."""
+
     pass
 
 
 @dataclass
 class Plan:
+    """What one server serves: the model it loads, its name, LoRA adapters, models skipped, dtypes."""
+
     model: str  # the directory or hub id the server loads
     name: str  # its served name
     loras: dict[str, str] = field(default_factory=dict)  # served name -> adapter directory
@@ -93,6 +97,7 @@ def plan(target: str, name: str | None = None) -> Plan:
 
 def command(p: Plan, python: str, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None,
             max_model_len: int | None = 4096, enforce_eager: bool | None = None, extra: list[str] | None = None) -> list[str]:
+    """The command line that runs vLLM's OpenAI-compatible server for a plan with ``python``."""
     dtype = dtype or p.dtype
     cpu = shutil.which("nvidia-smi") is None
     if enforce_eager is None:

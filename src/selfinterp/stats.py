@@ -79,6 +79,8 @@ def _r_of_rows(x: np.ndarray, y: np.ndarray, idx: np.ndarray, strata: np.ndarray
 
 @dataclass(frozen=True)
 class Correlation:
+    """r between mean reports and weights, its bootstrap CI, the number of scenarios, the sign agreement."""
+
     r: float
     ci: tuple[float, float]
     n_scenarios: int
@@ -108,6 +110,8 @@ def correlate(reports: np.ndarray, weights: np.ndarray, strata: np.ndarray | Non
 
 @dataclass(frozen=True)
 class Difference:
+    """A difference in r between two conditions, its paired bootstrap CI and the number of scenarios."""
+
     diff: float
     ci: tuple[float, float]
     n_scenarios: int
@@ -139,6 +143,8 @@ def compare(reports_a: np.ndarray, reports_b: np.ndarray, weights: np.ndarray,
 
 @dataclass(frozen=True)
 class Permutation:
+    """A permutation test of r: the observed r, its one-sided p, the null's quantiles, the permutations run."""
+
     r: float                         # the observed r (as :func:`correlate` gives it)
     p: float                         # one-sided: P(null r >= observed), with the observed counted in
     null_quantiles: tuple[float, float, float]  # 2.5%, 50%, 97.5% of the null distribution

@@ -74,10 +74,12 @@ class Backend(Protocol):
 
     info: dict[str, Any]
 
-    def choice_probs(self, chats: Sequence[Messages]) -> ChoiceProbs: ...
+    def choice_probs(self, chats: Sequence[Messages]) -> ChoiceProbs:
+        """P(A) per decision prompt, renormalised over {A, B}, and the raw P(A) + P(B) mass."""
 
     def generate(self, chats: Sequence[Messages], max_new_tokens: int = 256, temperature: float = 0.0,
-                 seed: int | Sequence[int] = 0) -> list[str]: ...
+                 seed: int | Sequence[int] = 0) -> list[str]:
+        """One free-text reply per chat (up to ``max_new_tokens``): greedy at temperature 0, else seeded sampling."""
 
 
 @runtime_checkable
@@ -85,7 +87,8 @@ class ConstrainedReporter(Protocol):
     """Optional: backends that can restrict decoding to fill a JSON template with numbers."""
 
     def constrained_reports(self, chats: Sequence[Messages],
-                            attribute_names_per_chat: Sequence[Sequence[str]]) -> list[SelfReport]: ...
+                            attribute_names_per_chat: Sequence[Sequence[str]]) -> list[SelfReport]:
+        """One self-report per chat: the JSON skeleton of its attribute names, the numbers chosen by the model."""
 
 
 @runtime_checkable
@@ -94,7 +97,8 @@ class ExpectedReporter(Protocol):
     distribution over the valid numbers instead of one drawn number."""
 
     def expected_reports(self, chats: Sequence[Messages],
-                         attribute_names_per_chat: Sequence[Sequence[str]]) -> list[SelfReport]: ...
+                         attribute_names_per_chat: Sequence[Sequence[str]]) -> list[SelfReport]:
+        """One self-report per chat, each number the mean (and SD) of the model's distribution over -100..100."""
 
 
 def call_seeds(seed: int | Sequence[int], n: int) -> list[int]:

@@ -38,12 +38,14 @@ from .base import (WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, SelfReport, ca
                    json_object_end)
 
 def pick_device(device: str = "auto") -> torch.device:
+    """The device named, or for "auto" CUDA when available and the CPU otherwise."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def pick_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """The torch dtype named (or given); "auto" is bfloat16 on CUDA and float32 otherwise."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -168,6 +170,7 @@ class HFBackend:
     # Shared plumbing
 
     def render(self, chat: Messages) -> str:
+        """The chat as the model's template writes it, up to where the assistant's answer begins."""
         return render(self.tokenizer, chat, add_generation_prompt=True, system_role=self.system_role).text
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,6 +480,8 @@ def _token_texts(tokenizer: Any, ids: Sequence[int]) -> dict[int, str]:
 
 @dataclass(frozen=True)
 class NumberVocab:
+    """The tokens a number slot may use: the text each writes, and those that extend each slot prefix."""
+
     texts: dict[int, str]  # token id -> the text it writes, for tokens made of ' ', '-' and digits
     transitions: dict[str, list[int]]  # slot prefix -> token ids that extend it to a valid prefix
 
@@ -498,6 +503,8 @@ def _number_vocab(tokenizer: Any) -> NumberVocab:
 
 @dataclass(frozen=True)
 class SlotDistribution:
+    """One number slot's distribution over the valid numbers: probabilities, mean, SD and mode."""
+
     probs: dict[int, float]  # number -> probability (sums to 1)
     mean: float
     sd: float
@@ -521,10 +528,12 @@ class NumberTree:
 
     @property
     def branch_paths(self) -> list[tuple[int, ...]]:
+        """The token paths of the branching nodes, in ``branch`` order: the prefixes that need logits."""
         return [self.paths[i] for i in self.branch]
 
     @classmethod
     def build(cls, vocab: NumberVocab) -> "NumberTree":
+        """The tree of every token path that writes a valid number with this vocabulary."""
         paths, text, children = [()], [""], [{}]
         i = 0
         while i < len(paths):  # breadth first; a slot's text only grows, so this ends

@@ -208,6 +208,7 @@ class Caller:
         self._lock = threading.Lock()
 
     def retryable(self, exc: BaseException) -> bool:
+        """Whether a failed call is worth retrying: timeouts, connection errors, 408/409/429 and 5xx."""
         import openai
 
         if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
@@ -217,6 +218,7 @@ class Caller:
         return False
 
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """The result of ``fn()``, retried with backoff (or Retry-After) while its error is retryable."""
         attempt = 0
         while True:
             try:
@@ -365,6 +367,7 @@ class OpenAIBackend:
     # -- choices
 
     def choice_probs(self, chats: Sequence[Messages]) -> ChoiceProbs:
+        """P(A) and the P(A) + P(B) mass per decision prompt, measured by ``choice_method``."""
         if self.choice_method == "logprobs":
             calls = [self._chat("choice", c, max_tokens=1, temperature=0, logprobs=True, top_logprobs=20) for c in chats]
         elif self.choice_method == "sample":
@@ -413,6 +416,7 @@ class OpenAIBackend:
 
     def constrained_reports(self, chats: Sequence[Messages], attribute_names_per_chat: Sequence[Sequence[str]],
                             max_new_tokens: int = 128) -> list[SelfReport]:
+        """One self-report per chat, generated under a strict JSON schema of the chat's attribute names."""
         from ..reports import parse_report
 
         calls = [self._chat("report", c, max_tokens=max_new_tokens, temperature=0,
@@ -448,6 +452,7 @@ class FineTuneJob:
         self.path = out / JOB_STATE
 
     def load(self) -> dict:
+        """The job state recorded in ``openai_job.json`` (a fresh one if absent or unreadable)."""
         if self.path.exists():
             try:
                 return json.loads(self.path.read_text())
@@ -456,6 +461,7 @@ class FineTuneJob:
         return {"files": {}, "failed_jobs": []}
 
     def upload(self, state: dict, role: str, path: Path) -> str:
+        """The id of ``path`` uploaded as ``role``, re-using a recorded upload of the same contents."""
         from ..journal import sha256_file
 
         digest = sha256_file(path)
@@ -476,6 +482,7 @@ class FineTuneJob:
 
     def run(self, train: Path, val: Path | None, seed: int | None, suffix: str | None,
             hyperparameters: dict) -> ModelRef:
+        """The fine-tuned model, from a new or re-attached job; its manifest is written beside the job state."""
         self.out.mkdir(parents=True, exist_ok=True)
         state = self.load()
         request: dict[str, Any] = {"model": self.b.model, "training_file": self.upload(state, "training_file", train)}
@@ -552,6 +559,7 @@ class FineTuneJob:
         return out
 
     def poll(self, state: dict) -> Any:
+        """The succeeded job, polled with growing delays; FineTuneFailed if it fails or is cancelled."""
         job = state["job"]
         delay = self.b.poll_interval
         while True:
@@ -594,10 +602,12 @@ def _dump(x: Any) -> Any:
 
 
 def estimate_tokens(chat: Messages) -> int:
+    """A chat's approximate token count: about 4 characters a token, plus the chat format's overhead."""
     return 3 + sum(4 + math.ceil(len(m["content"]) / 4) for m in chat)
 
 
 def price_for(model: str, overrides: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, float] | None:
+    """Prices (USD per million tokens) of ``model`` or its newest dated snapshot; None if unpriced."""
     table = {**PRICES, **{k: dict(v) for k, v in (overrides or {}).items()}}
     if model in table:
         return table[model]

@@ -44,6 +44,8 @@ def _seed_of(*parts: Any) -> int:
 
 
 class SimulatedBackend:
+    """A simulated decision-maker with known weights, answering the backend protocol from its prompts."""
+
     def __init__(self, scenarios: Sequence[Scenario], settings: dict[str, float] | None = None, seed: int = 0,
                  ref: ModelRef | None = None):
         self.by_question = {s.prompt_question: s for s in scenarios}
@@ -62,10 +64,12 @@ class SimulatedBackend:
     # -- the decision-maker
 
     def native_weights(self, scenario: Scenario) -> np.ndarray:
+        """Its native weights for a scenario: drawn from the seed, rescaled to max |w| = 100."""
         w = design.rng_for(self.seed, scenario.id, "simulated-native").uniform(-100, 100, scenario.k)
         return design.rescale(w)
 
     def true_weights(self, scenario: Scenario) -> np.ndarray:
+        """The weights it chooses by: its fine-tuned ones for the scenario, else its native ones."""
         return self.weights.get(scenario.id, self.native_weights(scenario))
 
     def reported_centre(self, scenario: Scenario) -> np.ndarray:
@@ -81,6 +85,7 @@ class SimulatedBackend:
         return user, *prompts.parse_prompt(user, self.by_question)
 
     def choice_probs(self, chats: Sequence[Messages]) -> ChoiceProbs:
+        """P(A) per decision prompt from the utility difference under its true weights (mass 1)."""
         self._delay(len(chats))
         p = []
         for chat in chats:

@@ -131,12 +131,14 @@ class EngineOptions:
 
     @classmethod
     def from_settings(cls, settings: Any) -> "EngineOptions":
+        """The options of a run config's ``[vllm]`` settings (a model or a dict; None: the defaults)."""
         if settings is None:
             return cls()
         data = settings if isinstance(settings, dict) else settings.model_dump()
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def resolved(self, device: str) -> "EngineOptions":
+        """These options with the choices left to the device (dtype, eager, adapters, memory) made."""
         from dataclasses import replace
 
         cpu = device == "cpu"
@@ -299,6 +301,7 @@ class VLLMBackend:
     # ---------------------------------------------------------------------------------------
 
     def render(self, chat: Messages) -> str:
+        """The chat as the model's template writes it, up to where the assistant's answer begins."""
         return render(self.tokenizer, chat, add_generation_prompt=True, system_role=self.system_role).text
 
     def _token_prompts(self, chats: Sequence[Messages]) -> list[list[int]]:
@@ -412,6 +415,7 @@ class VLLMBackend:
     # ---------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Shut the live engine down (its worker processes and memory)."""
         release()
 
 
