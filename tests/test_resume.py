@@ -101,3 +101,29 @@ def test_reports_do_not_depend_on_the_batch_size(tmp_path, uninterrupted):
     # a fresh run directory: the same samples drawn in other batches (tests/test_stage_keys.py: on the
     # simulated backend batch_size is not even part of the stage keys)
     assert numbers(Run(small(batch_size=7), tmp_path, progress=False).execute()) == uninterrupted
+
+
+def test_a_run_made_before_the_restructure_still_resumes(tmp_path):
+    """A simulated run directory written by commit 5b9b1be (before issue 13's restructure), less its
+    figures and report.html: the current code finds every model stage done, redoes only the two
+    stages whose outputs are missing, and gets the same numbers."""
+    import io
+    import tarfile
+    from pathlib import Path
+
+    from rich.console import Console
+
+    fixture = Path(__file__).parent / "fixtures" / "run_before_restructure.tar.gz"
+    with tarfile.open(fixture) as tar:
+        tar.extractall(tmp_path, filter="data")
+    root = tmp_path / "oldrun"
+    shipped = results(root)
+    cfg = config.build(file=root / "config.json")
+    log = io.StringIO()
+    Run(cfg, root, progress=False, console=Console(file=log, width=200)).execute()
+    log = log.getvalue()
+    redone = {line.split()[0] for line in log.splitlines() if "finished in" in line}
+    assert redone == {"analysis", "report"}, log
+    assert log.count(": done") == 13
+    assert results(root) == shipped
+    assert (root / "report.html").exists()

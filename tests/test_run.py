@@ -251,3 +251,15 @@ def test_checkpoint_frequency_is_not_part_of_a_stage_key():
     b = config.build("cpu", overrides={"instill": {"checkpoint_every": 7}})
     c = config.build("cpu", overrides={"instill": {"lr": 1e-4}})
     assert a.hash_fields("instill") == b.hash_fields("instill") != c.hash_fields("instill")
+
+
+def test_report_html_escapes_what_it_shows(tmp_path):
+    """report.html is a jinja2 template with autoescaping: a run name with markup in it is shown,
+    not interpreted, and every section is there."""
+    Run(small(name="<b>x&co", n_instilled=4, n_native=2), tmp_path, progress=False).execute()
+    page = (tmp_path / "report.html").read_text()
+    assert "<b>x" not in page and "&lt;b&gt;x&amp;co" in page
+    for section in ("Accuracy of self-reports", "Figures", "Instillation", "Self-report parsing", "Fine-tuning",
+                    "Stages and timings", "Provenance"):
+        assert f"<h2>{section}</h2>" in page
+    assert '<span class="ok">passed</span>' in page or '<span class="bad">failed</span>' in page

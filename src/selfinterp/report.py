@@ -4,12 +4,14 @@ It shows the paper-style table with CIs (and the paper's GPT-4o figures beside i
 figures, and the diagnostics a reader needs to trust or doubt the numbers: instillation
 (agreement, answer-A rate, P(A)+P(B) mass, the gate), self-report parse failures by reason per
 condition, training losses, stage timings, and the model and data provenance.
+
+The page itself is ``templates/report.html.j2`` (jinja2, autoescaped); this module gathers what it
+shows as plain data (``report_context``) and draws the training plots.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
 import platform
 from pathlib import Path
@@ -23,24 +25,8 @@ PAPER_GPT4O = {"instillation": 0.843, "base_reports": 0.10, "instilled_reports":
                "itrained_first_half_trained": 0.767, "itrained_second_half_trained": 0.714,
                "native_instilled_reports": 0.464, "native_itrained_reports": 0.710}
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5em 0;font-size:.9em}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:right}
-td:first-child,th:first-child{text-align:left}th{background:#f4f4f4}
-.warn{background:#fff4e5;border:1px solid #f0b35b;padding:.6em 1em;border-radius:4px}
-.ok{color:#1a7f37}.bad{color:#cf222e}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
-pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:.8em}
-"""
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x))
-
-
-def _p_text(p: float | None) -> str:
-    return "" if p is None else "&lt;0.001" if p < 0.001 else f"{p:.3f}"
-
+# The fine-tuned models a run may hold, under models/<name>/.
+MODELS = ("instilled", "itrained_first", "itrained_last", "itrained_all")
 
 def _fmt(x: Any, spec: str = ".3f") -> str:
     if x is None:
@@ -48,155 +34,103 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     try:
         return format(float(x), spec)
     except (TypeError, ValueError):
-        return _e(x)
+        return str(x)
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+def _p_text(p: float | None) -> str:
+    return "" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def write_report(run) -> Path:
     """Write the run's self-contained report.html (table, figures, diagnostics, provenance); its path."""
+    page = _template().render(**report_context(run))
+    path = run.root / "report.html"
+    atomic_write_text(path, page)
+    return path
+
+
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("selfinterp", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.get_template("report.html.j2")
+
+
+def report_context(run) -> dict[str, Any]:
+    """What report.html shows, as plain data (numbers formatted, figures as data URIs)."""
     root: Path = run.root
     cfg = run.cfg
     results = json.loads((root / "analysis" / "results.json").read_text())
-    label = run.label
-    conds = results["models"].get(label, {})
-    effects = results["effects"].get(label, {})
+    conds = results["models"].get(run.label, {})
+    effects = results["effects"].get(run.label, {})
     states = {s.name: run.state(s.name) for s in run.stages()}
-    parts: list[str] = [f"<h1>selfinterp run: {_e(cfg.name)}</h1>",
-                        f"<p>Model <b>{_e(cfg.model if cfg.backend != 'simulated' else 'simulated decision-maker')}</b> "
-                        f"(backend {_e(cfg.backend)}), preset {_e(cfg.preset or 'none')}, seed {cfg.seed}; "
-                        f"{cfg.n_instilled} instilled and {cfg.n_native} native scenarios, {cfg.n_train} preference "
-                        f"examples each, {cfg.n_reports} reports per scenario and condition ({_e(cfg.report_mode)} "
-                        f"reports).</p>"]
-    if cfg.preset == "smoke":
-        parts.append('<p class="warn">This is a <b>smoke</b> run: a handful of scenarios on a tiny budget to prove '
-                     'that every stage works. Its numbers are not expected to be meaningful.</p>')
-    if cfg.report_mode == "expected":
-        parts.append('<p class="warn">Reports are <b>expected values</b>: the tool wrote the JSON skeleton and each '
-                     'number is the mean of the model\'s probability distribution over -100..100 for that slot (no '
-                     'sampling). This is a different condition from the paper\'s sampled free-form reports.</p>')
-    if cfg.report_mode == "constrained":
-        parts.append('<p class="warn">Reports were generated in <b>constrained</b> mode: the JSON skeleton with the '
-                     'attribute names was written by the tool and the model chose only the numbers. This is a '
-                     'different condition from the paper\'s free-form reports.</p>')
-    val = (states.get("validate") or {}).get("summary", {})
-    if val.get("gate", {}).get("forced"):
-        parts.append('<p class="warn">The instillation gate failed and the run was continued with --force.</p>')
+    summaries = {n: (st or {}).get("summary", {}) for n, st in states.items()}
 
-    # -- the table
-    rows = []
-    for c in CONDITIONS:
-        if c.name not in conds:
-            continue
-        v = conds[c.name]
-        rows.append([_e(c.label), f"<b>{_fmt(v['r'])}</b>", f"[{_fmt(v['ci'][0], '.2f')}, {_fmt(v['ci'][1], '.2f')}]",
-                     v["n_scenarios"], v["n_reports"] or f"({v.get('n_choices', 0)} choices)",
-                     _fmt(v.get("sign_agreement"), ".2f"), _fmt(v.get("noise_ceiling"), ".2f"),
-                     _p_text(v.get("p_permutation")), _fmt(PAPER_GPT4O.get(c.name))])
-    parts.append("<h2>Accuracy of self-reports</h2>")
-    parts.append(_table(["condition", "r", "95% CI", "scenarios", "reports", "sign agreement", "noise ceiling",
-                         "p (permutation)", "paper (GPT-4o)"], rows) if rows else "<p>No condition could be computed.</p>")
-    if effects:
-        parts.append(_table(["training effect", "difference in r", "95% CI", "scenarios"],
-                            [[_e(n), _fmt(e["diff"], "+.3f"), f"[{_fmt(e['ci'][0], '+.2f')}, {_fmt(e['ci'][1], '+.2f')}]",
-                              e["n_scenarios"]] for n, e in effects.items()]))
-    parts.append("<p>r: Pearson correlation over scenario x attribute cells between the mean report and the learned "
-                 "weights (for instillation: learned vs instilled). CIs: bootstrap over scenarios. Held-out halves are "
-                 "z-scored per half, then pooled. p: one-sided permutation test, each scenario's reports paired "
-                 "with another scenario's weights (within a half), so habits shared by all scenarios do not count."
-                 "</p>")
+    accuracy = [dict(label=c.label, r=_fmt(v["r"]), ci=f"[{_fmt(v['ci'][0], '.2f')}, {_fmt(v['ci'][1], '.2f')}]",
+                     n_scenarios=v["n_scenarios"], reports=v["n_reports"] or f"({v.get('n_choices', 0)} choices)",
+                     sign=_fmt(v.get("sign_agreement"), ".2f"), ceiling=_fmt(v.get("noise_ceiling"), ".2f"),
+                     p=_p_text(v.get("p_permutation")), paper=_fmt(PAPER_GPT4O.get(c.name)))
+                for c in CONDITIONS if (v := conds.get(c.name)) is not None]
+    effect_rows = [[n, _fmt(e["diff"], "+.3f"), f"[{_fmt(e['ci'][0], '+.2f')}, {_fmt(e['ci'][1], '+.2f')}]",
+                    e["n_scenarios"]] for n, e in effects.items()]
 
-    # -- figures
-    parts.append("<h2>Figures</h2>")
-    for kind, alt in (("accuracy", "r per condition with 95% CIs"), ("scatter", "reported vs learned weights")):
-        for p in sorted((root / "analysis").glob(f"{kind}_*.png")):
-            parts.append(_img(p, alt))
-    loss_png = _loss_plot(run, states)
-    if loss_png is not None:
-        parts.append(_img(loss_png, "training loss per step and held-out accuracy"))
-    curve_png = _report_curve_plot(run)
-    if curve_png is not None:
-        parts.append(_img(curve_png, "report accuracy over training"))
-        parts.append("<p>Report accuracy over training (<code>report_curves</code>): at each of the trainer's "
-                     "evaluations, one expected-value report per scenario; r against the learned weights on the "
-                     "fold a model was trained on (trained) and on the other (held-out), and during instillation "
-                     "against the instilled weights. A trained-fold curve that rises while the held-out one does "
-                     "not is memorisation.</p>")
+    figures = [dict(alt=alt, src=_data_uri(p), caption=None)
+               for kind, alt in (("accuracy", "r per condition with 95% CIs"), ("scatter", "reported vs learned weights"))
+               for p in sorted((root / "analysis").glob(f"{kind}_*.png"))]
+    if (loss_png := _loss_plot(run)) is not None:
+        figures.append(dict(alt="training loss per step and held-out accuracy", src=_data_uri(loss_png), caption=None))
+    if (curve_png := _report_curve_plot(run)) is not None:
+        figures.append(dict(alt="report accuracy over training", src=_data_uri(curve_png), caption=(
+            "Report accuracy over training (report_curves): at each of the trainer's evaluations, one expected-value "
+            "report per scenario; r against the learned weights on the fold a model was trained on (trained) and on "
+            "the other (held-out), and during instillation against the instilled weights. A trained-fold curve that "
+            "rises while the held-out one does not is memorisation.")))
 
-    # -- diagnostics
-    parts.append("<h2>Instillation</h2>")
+    val = summaries.get("validate") or {}
+    validate = None
     if val:
         gate = val.get("gate", {})
-        if not gate.get("enabled", True):
-            status = "disabled"
-        elif gate.get("passed"):
-            status = '<span class="ok">passed</span>'
-        else:
-            status = '<span class="bad">failed</span>'
-        parts.append(_table(["held-out agreement", "learned vs instilled r", "answers A", "mean P(A)+P(B)",
-                             "min P(A)+P(B)", "choices", "gate"],
-                            [[_fmt(val.get("agreement")), _fmt(val.get("learned_vs_instilled_r")),
-                              _fmt(val.get("a_rate"), ".2f"), _fmt(val.get("mean_mass"), ".3f"),
-                              _fmt(val.get("min_mass"), ".3f"), val.get("n_choices"),
-                              f"{status} (agreement >= {gate.get('min_agreement')}, r >= {gate.get('min_r')})"]]))
-        if val.get("not_identified"):
-            parts.append(f"<p>Scenarios without identified learned weights (left out): {_e(val['not_identified'])}</p>")
+        validate = dict(agreement=_fmt(val.get("agreement")), r=_fmt(val.get("learned_vs_instilled_r")),
+                        a_rate=_fmt(val.get("a_rate"), ".2f"), mean_mass=_fmt(val.get("mean_mass"), ".3f"),
+                        min_mass=_fmt(val.get("min_mass"), ".3f"), n_choices=val.get("n_choices"),
+                        gate="disabled" if not gate.get("enabled", True) else "passed" if gate.get("passed") else "failed",
+                        min_agreement=gate.get("min_agreement"), min_r=gate.get("min_r"),
+                        forced=bool(gate.get("forced")), not_identified=val.get("not_identified") or None)
 
-    parts.append("<h2>Self-report parsing</h2>")
-    prow = []
-    for name, st in states.items():
-        s = (st or {}).get("summary", {})
-        if "n_parsed" in s:
-            rejected = ", ".join(f"{k}: {v}" for k, v in sorted(s["rejected"].items(), key=lambda kv: -kv[1])) or "none"
-            prow.append([_e(name), _e(s["mode"]), s["n_reports"], s["n_parsed"], _e(rejected),
-                         f"raw/{_e(s['file'].replace('.csv', '.jsonl'))}"])
-    parts.append(_table(["stage", "mode", "replies", "parsed", "rejected by reason", "raw replies"], prow))
-
-    parts.append("<h2>Fine-tuning</h2>")
-    trow = []
-    for name, st in states.items():
-        s = (st or {}).get("summary", {})
-        if "model" in s and name.startswith(("instill", "itrain")):
-            trow.append([_e(name), s.get("steps", ""), _fmt(s.get("first_loss"), ".4f"), _fmt(s.get("final_loss"), ".4f"),
-                         _fmt(s.get("val_loss"), ".4f"), _fmt(s.get("train_seconds"), ".0f"), _e(s["model"])])
-    parts.append(_table(["stage", "steps", "first loss", "final loss", "val loss", "seconds", "model"], trow))
-
-    parts.append("<h2>Stages and timings</h2>")
+    parsing = [[name, s["mode"], s["n_reports"], s["n_parsed"],
+                ", ".join(f"{k}: {v}" for k, v in sorted(s["rejected"].items(), key=lambda kv: -kv[1])) or "none",
+                "raw/" + s["file"].replace(".csv", ".jsonl")]
+               for name, s in summaries.items() if "n_parsed" in s]
+    training = [[name, s.get("steps", ""), _fmt(s.get("first_loss"), ".4f"), _fmt(s.get("final_loss"), ".4f"),
+                 _fmt(s.get("val_loss"), ".4f"), _fmt(s.get("train_seconds"), ".0f"), s["model"]]
+                for name, s in summaries.items() if "model" in s and name.startswith(("instill", "itrain"))]
     estimated = _estimates(run)
-    srow = [[_e(n), _fmt(estimated.get(n), ".1f") if n in estimated else "", _fmt((st or {}).get("seconds"), ".1f"),
-             _e((st or {}).get("finished", "")), _e(((st or {}).get("key") or "")[:12])]
-            for n, st in states.items() if n != "report"]
-    parts.append(_table(["stage", "estimated s", "seconds", "finished", "input key"], srow))
-    if estimated:
-        parts.append(f"<p>Estimated before the run (<code>estimate.json</code>, the plan of <code>selfinterp run "
-                     f"--dry-run</code>) on {_e(_estimate_device(run))}.</p>")
+    stage_rows = [[n, _fmt(estimated.get(n), ".1f") if n in estimated else "", _fmt((st or {}).get("seconds"), ".1f"),
+                   (st or {}).get("finished", ""), ((st or {}).get("key") or "")[:12]]
+                  for n, st in states.items() if n != "report"]
 
-    parts.append("<h2>Provenance</h2>")
     prov = {"config": json.loads(cfg.model_dump_json()), "python": platform.python_version(),
             "platform": platform.platform()}
-    for which in ("instilled", "itrained_first", "itrained_last", "itrained_all"):
+    for which in MODELS:
         mf = root / "models" / which / "manifest.json"
         if mf.exists():
             m = json.loads(mf.read_text())
             prov[f"model {which}"] = {k: m.get(k) for k in ("base_model", "method", "data", "versions", "folded_system")}
-    design_state = states.get("design") or {}
-    prov["datasets"] = {k: v for k, v in design_state.get("outputs", {}).items() if k.startswith("datasets/")}
-    parts.append(f"<pre>{_e(json.dumps(prov, indent=1, default=str))}</pre>")
+    prov["datasets"] = {k: v for k, v in (states.get("design") or {}).get("outputs", {}).items()
+                        if k.startswith("datasets/")}
 
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>selfinterp: {_e(cfg.name)}</title>"
-            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
-    path = root / "report.html"
-    atomic_write_text(path, page)
-    return path
+    return dict(
+        run=dict(name=cfg.name, model=cfg.model if cfg.backend != "simulated" else "simulated decision-maker",
+                 backend=cfg.backend, preset=cfg.preset or "none", seed=cfg.seed, n_instilled=cfg.n_instilled,
+                 n_native=cfg.n_native, n_train=cfg.n_train, n_reports=cfg.n_reports, report_mode=cfg.report_mode),
+        accuracy=accuracy, effects=effect_rows, figures=figures, validate=validate, parsing=parsing,
+        training=training, stages=stage_rows, estimate_device=_estimate_device(run) if estimated else None,
+        provenance=json.dumps(prov, indent=1, default=str))
 
 
 def _estimates(run) -> dict[str, float]:
@@ -217,7 +151,7 @@ def _estimate_device(run) -> str:
 def _report_curve_plot(run) -> Path | None:
     """r of expected-value reports at each evaluation, per fine-tuned model and scenario set."""
     series = {}
-    for which in ("instilled", "itrained_first", "itrained_last", "itrained_all"):
+    for which in MODELS:
         mf = run.root / "models" / which / "manifest.json"
         if not mf.exists():
             continue
@@ -249,11 +183,11 @@ def _report_curve_plot(run) -> Path | None:
     return path
 
 
-def _loss_plot(run, states: dict) -> Path | None:
+def _loss_plot(run) -> Path | None:
     """Training loss per step (answer tokens: ln 2 is chance for A/B) and, beside it, the held-out
     answer accuracy at the trainer's evaluations (``eval_every``), per fine-tuned model."""
     curves, evals = {}, {}
-    for which in ("instilled", "itrained_first", "itrained_last", "itrained_all"):
+    for which in MODELS:
         mf = run.root / "models" / which / "manifest.json"
         if mf.exists():
             m = json.loads(mf.read_text())
