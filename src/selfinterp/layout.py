@@ -163,7 +163,12 @@ class Table:
         out = np.empty((len(self.rows), len(columns)))
         for j, c in enumerate(columns):
             cells = self.text(c)
-            values = pd.to_numeric(pd.Series([c.strip() for c in cells]), errors="coerce").to_numpy(dtype=float)
+            try:  # the common case: float() reads every cell (surrounding blanks included; "1_0" is not a number)
+                if "_" in "".join(cells.tolist()):
+                    raise ValueError
+                values = np.array(cells.tolist(), dtype=float)
+            except ValueError:  # find which cell does not read, for the message
+                values = pd.to_numeric(pd.Series([c.strip() for c in cells]), errors="coerce").to_numpy(dtype=float)
             bad = np.flatnonzero(~np.isfinite(values))
             if len(bad):
                 i = int(bad[0])
@@ -181,7 +186,7 @@ class Table:
         first: dict[tuple, int] = {}
         dups = []
         for row, line in zip(self.rows, self.lines):
-            key = tuple(c.strip() for c in row)
+            key = tuple(map(str.strip, row))
             if key in first:
                 dups.append((line, first[key]))
             else:

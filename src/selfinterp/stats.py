@@ -28,12 +28,13 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson r of each row of x with the same row of y (both (B, n))."""
+    """Pearson r of each row of x with the same row of y ((B, n) each, or y one (1, n) row for all)."""
     xc = x - x.mean(axis=1, keepdims=True)
     yc = y - y.mean(axis=1, keepdims=True)
-    denom = np.sqrt((xc**2).sum(axis=1) * (yc**2).sum(axis=1))
+    yc = np.broadcast_to(yc, xc.shape)
+    denom = np.sqrt(np.einsum("ij,ij->i", xc, xc) * np.einsum("ij,ij->i", yc, yc))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (xc * yc).sum(axis=1) / denom, np.nan)
+        return np.where(denom > 0, np.einsum("ij,ij->i", xc, yc) / denom, np.nan)
 
 
 def zscore(x: np.ndarray, axis=None) -> np.ndarray:
@@ -172,7 +173,7 @@ def permutation_test(reports: np.ndarray, weights: np.ndarray, strata: np.ndarra
     for g in np.unique(strata):
         members = np.flatnonzero(strata == g)
         idx[:, members] = members[rng.permuted(np.tile(np.arange(len(members)), (n_perm, 1)), axis=1)]
-    null = _pearson_rows(x[idx].reshape(n_perm, -1), np.broadcast_to(y.ravel(), (n_perm, y.size)))
+    null = _pearson_rows(x[idx].reshape(n_perm, -1), y.reshape(1, -1))
     null = null[~np.isnan(null)]
     if np.isnan(r) or not len(null):
         return Permutation(r=r, p=float("nan"), null_quantiles=(float("nan"),) * 3, n_perm=n_perm)
@@ -194,15 +195,18 @@ def split_half_reliability(reports: list[np.ndarray], n_splits: int = 100, seed:
     if not usable:
         return float("nan")
     rng = np.random.default_rng(seed)
-    rs = []
-    for _ in range(n_splits):
-        h1, h2 = [], []
-        for r in usable:
-            perm = rng.permutation(len(r))
-            half = len(r) // 2
-            h1.append(r[perm[:half]].mean(axis=0))
-            h2.append(r[perm[half:]].mean(axis=0))
-        rs.append(pearson(np.array(h1), np.array(h2)))
+    h1, h2 = [], []  # per group of scenarios with the same number of reports: (n_splits, S_n, k)
+    for n in sorted({len(r) for r in usable}):
+        group = np.stack([r for r in usable if len(r) == n])  # (S_n, n, k)
+        half = n // 2
+        order = rng.random((n_splits, len(group), n)).argsort(axis=2)  # a random split per scenario
+        first = np.zeros(order.shape)
+        np.put_along_axis(first, order[:, :, :half], 1.0, axis=2)  # 1 where a report is in the first half
+        sum1 = np.einsum("psn,snk->psk", first, group)
+        h1.append(sum1 / half)
+        h2.append((group.sum(axis=1) - sum1) / (n - half))
+    a, b = np.concatenate(h1, axis=1), np.concatenate(h2, axis=1)
+    rs = _pearson_rows(a.reshape(n_splits, -1), b.reshape(n_splits, -1))
     if np.isnan(rs).all():  # e.g. every report identical: no reliability to speak of
         return float("nan")
     r = float(np.nanmean(rs))

@@ -290,6 +290,8 @@ class OpenAIBackend:
         self.base_url = base_url
         key = read_api_key(api_key_env, base_url)
         self._secrets = (key,)
+        # The SDK's own max_retries has the same policy (backoff, Retry-After) but retries silently:
+        # Caller adds what it lacks — a log line per retry (key redacted), a count, an injectable sleep.
         self.client = openai.OpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=timeout)
         self.caller = Caller(max_retries, backoff, max_backoff, concurrency, self._secrets, sleep, log)
         self.choice_method = choice_method
