@@ -663,20 +663,21 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, tmp_p
     assert runs[True]["gradient_checkpointing"] is True and runs[None]["gradient_checkpointing"] is False
 
 
-def test_train_settings_reach_the_trainer_with_its_defaults():
-    """Every [instill]/[introspection] setting is a trainer field, with the trainer's default
-    (but checkpoint_every, which a run sets); dtype and checkpointing are reachable from a config."""
-    import dataclasses
-
+def test_train_settings_are_the_trainers_settings():
+    """One settings model: a run's [instill]/[introspection] blocks are the trainer's own settings
+    (dtype, checkpointing, clipping and weight decay reachable from a config), and a cross-field rule
+    fails when the file is read, not when the stage starts."""
     from selfinterp import config
 
-    settings = config.TrainSettings(dtype="bfloat16", gradient_checkpointing=True, grad_clip=None, weight_decay=0.1)
-    fields = {**settings.model_dump(), "batching": "shuffle"}
-    fc = FinetuneConfig(**fields)
+    assert FinetuneConfig is config.TrainSettings and issubclass(config.InstillSettings, FinetuneConfig)
+    cfg = config.build("cpu", overrides={"introspection": {"dtype": "bfloat16", "gradient_checkpointing": True,
+                                                            "grad_clip": None, "weight_decay": 0.1}})
+    fc = cfg.introspection
     assert (fc.dtype, fc.gradient_checkpointing, fc.grad_clip, fc.weight_decay) == ("bfloat16", True, None, 0.1)
-    trainer = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
-    defaults = {**config.TrainSettings().model_dump(), "batching": "shuffle"}
-    assert {k for k, v in defaults.items() if trainer[k] != v} == {"checkpoint_every"}
+    with pytest.raises(config.ConfigError, match="introspection.*cache_lower_layers needs layers"):
+        config.build("smoke", overrides={"introspection": {"cache_lower_layers": True, "layers": None}})
+    with pytest.raises(config.ConfigError, match="instill.seed: set by the run"):
+        config.build("smoke", overrides={"instill": {"seed": 3}})
 
 
 def test_release_memory_empties_the_device_cache(monkeypatch):

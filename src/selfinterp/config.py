@@ -30,60 +30,114 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Attention and MLP projections of Llama/Qwen/Mistral/Gemma-style decoders.
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class TrainSettings(Strict):
-    """Fine-tuning hyper-parameters (the fields of :class:`selfinterp.finetune.FinetuneConfig`)."""
+    """Every setting of one run of the local trainer (``finetune.finetune`` reads this model as is;
+    a run's ``[instill]`` and ``[introspection]`` blocks are made of it)."""
 
     method: Literal["lora", "full"] = "lora"
+    # Embeddings and the LM head stay frozen in both methods: they are tied in the small models,
+    # and training them would change the input of every layer (and defeat the lower-layer cache).
     layers: Optional[int] = Field(None, ge=1, description="train only the top k decoder layers (None: all)")
     first_layer: Optional[int] = Field(
         None, ge=0, description="with layers = k: the first trained layer (None: the top k; 0: the first k, "
-        "early placement, which the lower-layer cache cannot speed up; i: layers i..i+k-1)")
+        "early placement, which the lower-layer cache cannot speed up; i: layers i..i+k-1); the final norm "
+        "is trained only with the top k")
     lora_rank: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target_modules: tuple[str, ...] = Field(DEFAULT_LORA_TARGETS, min_length=1)
     lr: float = Field(2e-4, gt=0)
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(16, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="after the linear warm-up")
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    cache_lower_layers: bool = False
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1, description="examples per optimizer step over all processes, so a setting "
+                            "means the same optimisation on one CPU or eight GPUs; each process takes "
+                            "batch_size / world_size of them, in grad_accum micro-batches (for memory only)")
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="gradient-norm clip (None: off)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on norms and biases)")
+    seed: int = Field(0, description="the trainer's seed (a run sets its own seed here: leave it out of [instill])")
+    max_length: int = Field(1024, ge=16, description="longer examples are an error, never silently truncated")
+    cache_lower_layers: bool = Field(
+        False, description="with layers = k: run the frozen lower layers once per example and train the top k on "
+        "the stored hidden states (identical logits, checked on the first batch); CPU memory: examples x tokens "
+        "x hidden x 4 bytes (float32) or 2 (bfloat16, which rounds the cache)")
     cache_dtype: Literal["float32", "bfloat16"] = "float32"
     share_prefix: bool = Field(True, description="with the cache: run each scenario's shared prompt prefix "
                                "through the frozen layers once (exact)")
-    autocast: Optional[Literal["bfloat16", "float16"]] = "bfloat16"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="the frozen weights' dtype in training; auto: bfloat16 on a GPU that has it (half "
         "the memory; trained layers and LoRA adapters stay float32), float32 elsewhere (with bf16 autocast, "
         "the fastest on a CPU)")
     gradient_checkpointing: Optional[bool] = Field(
-        None, description="recompute activations in the backward pass (less memory); None: on for models "
-        "over 1B parameters on a GPU")
-    grad_clip: Optional[float] = Field(1.0, gt=0, description="gradient-norm clip (None: off)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on norms and biases)")
-    max_length: int = Field(1024, ge=16)
+        None, description="recompute activations in the backward pass (less memory, ~30% more compute); None: "
+        "on for models over 1B parameters on a GPU")
+    autocast: Optional[Literal["bfloat16", "float16"]] = Field(
+        "bfloat16", description="None: compute in dtype; bfloat16 is dropped on a CPU that would emulate it")
     loss_on: Literal["answer", "answer_and_eot"] = Field(
         "answer", description="the loss on the answer's tokens only, or also on the end-of-turn marker")
+    attribute_loss: float = Field(
+        0.0, ge=0, description="weight of an auxiliary loss (0: off, as the paper): a linear read-out of the answer "
+        "position, discarded afterwards, trained to predict each row's attribute_targets (for decisions: the "
+        "options' range-normalised attribute differences; the design writes them into the instillation set)")
+    attribute_head_lr: Optional[float] = Field(
+        None, gt=0, description="learning rate of the attribute_loss read-out (None: lr); zero-initialised, it "
+        "passes no gradient into the model until its weights grow, so a faster read-out starts teaching sooner")
     batching: Literal["auto", "shuffle", "pairs", "grouped_pairs"] = Field(
-        "auto", description="shuffle examples one by one, or keep each counterbalanced pair in one batch "
-        "(grouped_pairs: and draw each batch from groups_per_batch scenarios); auto: pairs when the "
-        "design is counterbalanced, else shuffle")
+        "auto", description="shuffle examples one by one, or keep each counterbalanced pair (examples 2i and "
+        "2i+1, the same options with A and B swapped) in one batch, so every batch is 50/50 A/B (grouped_pairs: "
+        "and draw each batch from groups_per_batch scenarios); auto: a run picks pairs when its design is "
+        "counterbalanced, else shuffle (the trainer alone: shuffle)")
     groups_per_batch: int = Field(2, ge=1)
     eval_every: Optional[int] = Field(None, ge=1, description="optimizer steps between held-out evaluations "
                                       "(validation loss and answer accuracy, in the manifest and the report)")
     early_stop_patience: Optional[int] = Field(None, ge=1, description="stop when this many evaluations in a "
                                                "row bring no better held-out accuracy (needs eval_every; off by default)")
+    keep_best: Optional[str] = Field(None, description="an evaluator's number to maximise: the weights of its best "
+                                     "evaluation are the result (set by a run for introspection_stop = 'inner_r')")
     log_with: Optional[str] = Field(None, description="also log to accelerate's trackers: 'tensorboard', 'wandb', ...")
     checkpoint_every: Optional[int] = Field(100, ge=1, description="optimizer steps between checkpoints "
                                             "(also one per epoch); what an interruption can lose at most")
+    keep_checkpoints: int = Field(1, ge=1, description="older checkpoints are deleted once a newer one is complete")
 
     # Settings that cannot change a result: left out of stage keys.
-    OPERATIONAL: ClassVar[tuple[str, ...]] = ("checkpoint_every", "eval_every", "log_with")
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("checkpoint_every", "eval_every", "log_with", "keep_checkpoints")
+    # Set by the run (its seed; the introspection stop rule), never read from a file.
+    RUN_SET: ClassVar[tuple[str, ...]] = ("seed", "keep_best")
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _modules_as_tuple(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
 
     @model_validator(mode="after")
-    def _placement(self) -> "TrainSettings":
+    def _consistent(self) -> "TrainSettings":
         if self.first_layer is not None and self.layers is None:
             raise ValueError("first_layer needs layers = k (how many layers to train from it)")
+        if self.cache_lower_layers and self.layers is None:
+            raise ValueError("cache_lower_layers needs layers = k: with every layer trained there is nothing to cache")
+        if self.batching in ("pairs", "grouped_pairs") and self.batch_size % 2:
+            raise ValueError(f"batching {self.batching!r} keeps pairs together: batch_size must be even, not {self.batch_size}")
+        if self.early_stop_patience is not None and not self.eval_every:
+            raise ValueError("early_stop_patience needs eval_every (the evaluations it watches)")
         return self
+
+    def updated(self, **changes: Any) -> "TrainSettings":
+        """A copy with ``changes``, validated again (``model_copy(update=...)`` would not check them)."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (what a fine-tuned model's manifest records)."""
+        return json.loads(self.model_dump_json())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainSettings":
+        """The settings that a dict of them describes (as :meth:`to_dict` gives them)."""
+        return cls.model_validate(d)
 
 
 class InstillSettings(TrainSettings):
@@ -94,14 +148,6 @@ class InstillSettings(TrainSettings):
         "P(A) = sigmoid((u_A - u_B) / label_temperature), a near-tie taught as one (hf trainer only)")
     label_temperature: float = Field(10.0, gt=0, description="utility units (weights in -100..100) per "
                                      "logit of the soft target")
-    attribute_loss: float = Field(
-        0.0, ge=0, description="weight of an auxiliary loss during instillation (0: off, as the paper): a linear "
-        "read-out of the answer position, discarded afterwards, trained to predict the options' range-normalised "
-        "attribute differences (hf trainer only; the design then writes them into the training set)")
-    attribute_head_lr: float | None = Field(
-        None, gt=0, description="learning rate of the attribute_loss read-out (None: lr); zero-initialised, it "
-        "passes no gradient into the model until its weights grow, so a faster read-out starts teaching sooner")
-
     # Read by the design stage (they make the datasets), not by the trainer.
     DATA: ClassVar[tuple[str, ...]] = ("labels", "label_temperature")
 
@@ -304,6 +350,12 @@ class RunConfig(Strict):
         if self.instill.attribute_loss > 0 and trainer not in ("hf", "simulated"):
             raise ValueError(f"instill.attribute_loss needs the hf trainer (trainer {trainer!r} learns from the "
                              "answer text only); use attribute_loss = 0")
+        for block in ("instill", "introspection"):
+            given = sorted(set(TrainSettings.RUN_SET) & getattr(self, block).model_fields_set)
+            if given:
+                raise ValueError(f"{block}.{given[0]}: set by the run (its seed; introspection_stop), not in [{block}]")
+        if self.introspection.attribute_loss > 0:
+            raise ValueError("introspection.attribute_loss: introspection examples have no attribute targets; use 0")
         if self.introspection.batching in ("pairs", "grouped_pairs"):
             raise ValueError("introspection.batching: introspection examples are not A/B pairs; use 'auto' or 'shuffle'")
         if self.backend == "simulated" and self.report_mode == "constrained":
@@ -360,15 +412,17 @@ class RunConfig(Strict):
             out["instill.labels"] = {k: getattr(self.instill, k) for k in InstillSettings.DATA}
         if "instill.attribute_loss" in names and self.instill.attribute_loss > 0:  # the design writes its targets
             out["instill.attribute_targets"] = True
-        instill = out.get("instill")
-        if isinstance(instill, dict):  # unset: the keys of runs that predate the settings
-            if instill.get("attribute_loss") == 0:
-                instill.pop("attribute_loss")
-            if instill.get("attribute_head_lr", 0) is None:
-                instill.pop("attribute_head_lr")
         for block in ("instill", "introspection"):
-            if isinstance(out.get(block), dict) and out[block].get("first_layer", 0) is None:
-                out[block].pop("first_layer")
+            value = out.get(block)
+            if not isinstance(value, dict):
+                continue
+            for k in TrainSettings.RUN_SET:  # the run's seed is in the design's key; keep_best in introspection_stop
+                value.pop(k, None)
+            # At their defaults, settings that a config could not set before keep the older keys.
+            for k, default in (("attribute_loss", 0), ("attribute_head_lr", None), ("first_layer", None),
+                               ("lora_dropout", 0.05), ("lora_target_modules", list(DEFAULT_LORA_TARGETS))):
+                if k in value and value[k] == default:
+                    value.pop(k)
         for n, value in out.items():  # "auto" keys as float32, the dtype it meant before it existed
             if isinstance(value, dict) and value.get("dtype") == "auto" and n in ("instill", "introspection"):
                 value["dtype"] = "float32"

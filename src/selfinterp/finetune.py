@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from . import chat_template
 from . import decoder as dec
+from .config import TrainSettings
 from .journal import atomic_write, atomic_write_json
 from .modelref import (ADAPTER_DIR, MANIFEST, TOKENIZER_DIR, TRAINED_WEIGHTS, bf16_native, load_base, resolve_dtype,
                        torch_dtype)
@@ -60,128 +61,11 @@ IGNORE = -100  # label value that cross-entropy ignores (prompt and padding posi
 CHECKPOINTS = "checkpoints"
 BEST_DIR = "best"  # keep_best: the trainable weights of the best evaluation so far
 
-# Attention and MLP projections of Llama/Qwen/Mistral/Gemma-style decoders.
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 # ----------------------------------------------------------------------------------------------
-# 1. Configuration
+# 1. Configuration: one pydantic model, config.TrainSettings (a run's [instill] and [introspection]
+# blocks are made of it); FinetuneConfig is its name here.
 
-
-@dataclass
-class FinetuneConfig:
-    """Every setting of one fine-tuning run: method, trained layers, optimiser, batching, losses."""
-
-    method: Literal["lora", "full"] = "lora"
-    # None trains every decoder layer; k trains only the top k (LoRA adapters or full weights).
-    # Embeddings and the LM head stay frozen in both methods: they are tied in the small models,
-    # and training them would change the input of every layer (and defeat the cache below).
-    layers: int | None = None
-    # With `layers` = k: where the k trained layers sit. None: the top k (the lower-layer cache's
-    # placement); 0: the first k (early placement: nothing below to cache, every step runs all
-    # layers); i: layers i..i+k-1. The final norm is trained only with the top k.
-    first_layer: int | None = None
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    lr: float = 2e-4
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the linear warm-up
-    warmup_ratio: float = 0.05
-    epochs: int = 3
-    # Examples per optimizer step over all processes, so a config means the same optimisation on
-    # one CPU or eight GPUs. Each process takes batch_size / world_size of them, in grad_accum
-    # micro-batches (for memory only: the step is the same).
-    batch_size: int = 16
-    grad_accum: int = 1
-    grad_clip: float | None = 1.0
-    weight_decay: float = 0.0
-    seed: int = 0
-    max_length: int = 1024  # longer examples are an error, never silently truncated
-    # With `layers` = k: run the frozen lower layers once per example and train the top k on the
-    # stored hidden states (identical logits; checked on the first batch). CPU memory:
-    # examples x tokens x hidden x 4 bytes (float32) or 2 (bfloat16, which rounds the cache).
-    cache_lower_layers: bool = False
-    cache_dtype: Literal["float32", "bfloat16"] = "float32"
-    # With the cache: run each group's shared prompt prefix through the frozen layers once, then
-    # only each prompt's suffix (exact; about half of a decision prompt is shared). Stored once.
-    share_prefix: bool = True
-    # The frozen weights' dtype. "auto": bfloat16 on a GPU that has it (half the memory; trained
-    # layers and LoRA adapters are kept in float32 all the same), float32 elsewhere (with bf16
-    # autocast, the fastest on a CPU).
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # Recompute each trained layer's activations in the backward pass instead of storing them
-    # (less memory, ~30% more compute). None: on for models over 1B parameters on a GPU.
-    gradient_checkpointing: bool | None = None
-    autocast: Literal["bfloat16", "float16"] | None = "bfloat16"  # None: compute in `dtype`
-    # What the loss covers: the answer's tokens only, or also the end-of-turn marker after them.
-    loss_on: Literal["answer", "answer_and_eot"] = "answer"
-    # Weight of an auxiliary loss (off at 0): a linear read-out of the last hidden state at the
-    # answer position, trained beside the model to predict each row's ``attribute_targets`` (for
-    # decisions: the range-normalised attribute differences A - B), squared error. It teaches the
-    # trained layers to gather the options' numbers at the answer position, which every scenario
-    # needs, before the per-scenario weighting; the read-out is discarded (the saved model is the
-    # same architecture). A departure from the paper, which trained on the answers alone.
-    attribute_loss: float = 0.0
-    # The read-out's learning rate (None: `lr`). Zero-initialised, the read-out passes no gradient
-    # into the model until its weights grow, so a faster read-out starts teaching sooner.
-    attribute_head_lr: float | None = None
-    # How examples form batches. "shuffle": one by one. "pairs": examples 2i and 2i+1 are one
-    # counterbalanced pair (the same options, A and B swapped; design writes them so) and stay
-    # in one batch, so every batch is 50/50 A/B and position cannot be learned as a shortcut.
-    # "grouped_pairs": as "pairs", and each batch holds `groups_per_batch` runs of pairs, each run
-    # from one group (pairs whose prompts share the text before the first option: one scenario).
-    batching: Literal["shuffle", "pairs", "grouped_pairs"] = "shuffle"
-    groups_per_batch: int = 2
-    # Every N optimizer steps: validation loss and held-out answer accuracy (the answer's first
-    # token against the other answers' first tokens, e.g. "A" vs "B") in the manifest's `evals`.
-    eval_every: int | None = None
-    # Stop when `early_stop_patience` evaluations in a row brought no better held-out accuracy
-    # (validation loss where there is no accuracy). Off by default: the schedule is then cut short.
-    early_stop_patience: int | None = None
-    # The key of an evaluator's number (see finetune's `evaluator`) to maximise: the trainable
-    # weights of its best evaluation are the result, not the last step's (e.g. report accuracy on
-    # an inner split of the training scenarios). None: the last step's.
-    keep_best: str | None = None
-    # Also send losses and evaluations to accelerate's trackers ("tensorboard", "wandb", ...),
-    # written under out_dir/trackers; None: the manifest only.
-    log_with: str | None = None
-    checkpoint_every: int | None = None  # optimizer steps; a checkpoint is also written every epoch
-    keep_checkpoints: int = 1  # older ones are deleted once a newer one is complete
-
-    def __post_init__(self) -> None:
-        self.lora_target_modules = tuple(self.lora_target_modules)
-        if self.method not in ("lora", "full"):
-            raise ValueError(f"method must be 'lora' or 'full', not {self.method!r}")
-        if self.layers is not None and self.layers < 1:
-            raise ValueError("layers must be None (all) or a positive number of top layers")
-        if self.first_layer is not None and (self.layers is None or self.first_layer < 0):
-            raise ValueError("first_layer needs `layers` = k (how many layers to train from it) and must be >= 0")
-        if self.cache_lower_layers and self.layers is None:
-            raise ValueError("cache_lower_layers needs `layers` = k: with every layer trained there is nothing to cache")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
-            raise ValueError("batch_size, grad_accum and epochs must be positive")
-        if self.batching != "shuffle" and self.batch_size % 2:
-            raise ValueError(f"batching {self.batching!r} keeps pairs together: batch_size must be even, not {self.batch_size}")
-        if self.groups_per_batch < 1 or (self.eval_every is not None and self.eval_every < 1):
-            raise ValueError("groups_per_batch and eval_every must be positive")
-        if not self.attribute_loss >= 0:
-            raise ValueError(f"attribute_loss must be >= 0, not {self.attribute_loss}")
-        if self.attribute_head_lr is not None and not self.attribute_head_lr > 0:
-            raise ValueError(f"attribute_head_lr must be None (the trainer's lr) or > 0, not {self.attribute_head_lr}")
-        if self.early_stop_patience is not None and (self.early_stop_patience < 1 or not self.eval_every):
-            raise ValueError("early_stop_patience needs eval_every (the evaluations it watches) and must be positive")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as a JSON-ready dict (the LoRA target modules as a list)."""
-        d = dataclasses.asdict(self)
-        d["lora_target_modules"] = list(self.lora_target_modules)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
-        """The config that a dict of its settings describes (as :meth:`to_dict` gives them)."""
-        return cls(**d)
+FinetuneConfig = TrainSettings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -762,8 +646,9 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
     main = accelerator.is_main_process
     # What "auto" and bf16 autocast mean on this device, settled first: the manifest, and what a
     # checkpoint must match to be resumed, hold the dtypes really used.
-    config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device),
-                                 autocast=resolve_autocast(config.autocast, device))
+    config = config.model_copy(update=dict(dtype=resolve_dtype(config.dtype, device),
+                                           autocast=resolve_autocast(config.autocast, device),
+                                           batching="shuffle" if config.batching == "auto" else config.batching))
 
     train_rows, val_rows = read_examples(train), read_examples(val) if val is not None else []
     data_info = {"train": {"n": len(train_rows), "sha256": data_sha256(train_rows)},
@@ -1158,15 +1043,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--train", required=True)
     ap.add_argument("--val")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--config", default="{}", help="FinetuneConfig fields as JSON, or a path to a JSON file")
+    ap.add_argument("--config", default="{}", help="the trainer's settings (config.TrainSettings) as JSON, or a JSON file")
     ap.add_argument("--no-resume", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    cfg = json.loads(Path(args.config).read_text()) if Path(args.config).is_file() else json.loads(args.config)
-    from . import models
+    from pydantic import ValidationError
 
+    from . import models
+    from .config import format_errors
+
+    source = args.config if Path(args.config).is_file() else "--config"
+    try:
+        settings = FinetuneConfig.model_validate_json(Path(args.config).read_text() if source != "--config" else args.config)
+    except ValidationError as e:
+        ap.error(format_errors(e, source))
     base = args.base if args.base.endswith(".gguf") else str(models.resolve(args.base))  # registry names too
-    result = finetune(base, args.train, args.val, FinetuneConfig(**cfg), args.out,
+    result = finetune(base, args.train, args.val, settings, args.out,
                       resume=not args.no_resume, progress=not args.no_progress)
     if result.manifest and int(os.environ.get("RANK", "0")) == 0:
         m = result.manifest

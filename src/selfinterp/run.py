@@ -25,7 +25,6 @@ resumes without repeating them, and fine-tuning resumes from its last checkpoint
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -38,7 +37,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import analysis, design, layout, modelref, prompts, stats
-from .config import RunConfig
+from .config import RunConfig, TrainSettings
 from .journal import Journal, atomic_write_json, atomic_write_text, sha256_file, sha256_json
 from .reports import parse_report
 from .scenarios import Scenario
@@ -375,10 +374,11 @@ class Run:
         fields = settings.model_dump(exclude=set(getattr(settings, "DATA", ())))  # the trainer's own settings
         if fields["batching"] == "auto":  # counterbalanced decisions come as adjacent A/B-swapped pairs
             fields["batching"] = "pairs" if self.cfg.counterbalance and data.startswith("instill") else "shuffle"
-        fc = ft.FinetuneConfig(**fields, seed=self.cfg.seed)
-        evaluator = _report_curve_evaluator(self, curves) if curves else None
+        fields["seed"] = self.cfg.seed
         if curves and "inner" in curves:  # the model kept is the best on the inner split
-            fc = dataclasses.replace(fc, keep_best="report_r_inner")
+            fields["keep_best"] = "report_r_inner"
+        fc = TrainSettings.model_validate(fields)
+        evaluator = _report_curve_evaluator(self, curves) if curves else None
         result = ft.finetune(base_path, train_path, val_path, fc, out, resume=True, progress=self.progress,
                              evaluator=evaluator)
         m = result.manifest
