@@ -418,9 +418,9 @@ def test_paired_training_logs_heldout_accuracy(tiny_model_dir, tmp_path):
 def test_early_stopping_and_its_identity(tiny_model_dir, tmp_path):
     from selfinterp.finetune import _training_fields
 
-    # lr 0: the held-out accuracy never improves, so training stops after `patience` more evaluations.
+    # lr ~0: the held-out accuracy never improves, so training stops after `patience` more evaluations.
     cfg = FinetuneConfig(method="full", layers=1, batching="pairs", eval_every=1, early_stop_patience=2,
-                         **{**FAST, "lr": 0.0, "epochs": 3})
+                         **{**FAST, "lr": 1e-30, "epochs": 3})
     m = finetune(tiny_model_dir, paired_examples(16), paired_examples(4), cfg, tmp_path / "es", progress=False).manifest
     assert m["stopped_early_at"] == 3 and m["steps"] == 3 < 3 * m["steps_per_epoch"]
     assert "eval_every" in _training_fields(cfg.to_dict())

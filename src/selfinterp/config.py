@@ -50,7 +50,7 @@ class TrainSettings(Strict):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_target_modules: tuple[str, ...] = Field(DEFAULT_LORA_TARGETS, min_length=1)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="after the linear warm-up")
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     epochs: int = Field(3, ge=1)
@@ -60,7 +60,8 @@ class TrainSettings(Strict):
     grad_accum: int = Field(1, ge=1)
     grad_clip: Optional[float] = Field(1.0, gt=0, description="gradient-norm clip (None: off)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on norms and biases)")
-    seed: int = Field(0, description="the trainer's seed (a run sets its own seed here: leave it out of [instill])")
+    seed: int = Field(0, exclude=True, description="the trainer's seed (set by a run to its own seed, so not in "
+                      "[instill]; excluded from dumps, recorded by to_dict)")
     max_length: int = Field(1024, ge=16, description="longer examples are an error, never silently truncated")
     cache_lower_layers: bool = Field(
         False, description="with layers = k: run the frozen lower layers once per example and train the top k on "
@@ -97,8 +98,9 @@ class TrainSettings(Strict):
                                       "(validation loss and answer accuracy, in the manifest and the report)")
     early_stop_patience: Optional[int] = Field(None, ge=1, description="stop when this many evaluations in a "
                                                "row bring no better held-out accuracy (needs eval_every; off by default)")
-    keep_best: Optional[str] = Field(None, description="an evaluator's number to maximise: the weights of its best "
-                                     "evaluation are the result (set by a run for introspection_stop = 'inner_r')")
+    keep_best: Optional[str] = Field(None, exclude=True, description="an evaluator's number to maximise: the weights "
+                                     "of its best evaluation are the result (set by a run for introspection_stop = "
+                                     "'inner_r'; excluded from dumps, recorded by to_dict)")
     log_with: Optional[str] = Field(None, description="also log to accelerate's trackers: 'tensorboard', 'wandb', ...")
     checkpoint_every: Optional[int] = Field(100, ge=1, description="optimizer steps between checkpoints "
                                             "(also one per epoch); what an interruption can lose at most")
@@ -126,13 +128,12 @@ class TrainSettings(Strict):
             raise ValueError("early_stop_patience needs eval_every (the evaluations it watches)")
         return self
 
-    def updated(self, **changes: Any) -> "TrainSettings":
-        """A copy with ``changes``, validated again (``model_copy(update=...)`` would not check them)."""
-        return type(self).model_validate({**self.model_dump(), **changes})
-
     def to_dict(self) -> dict[str, Any]:
-        """The settings as a JSON-ready dict (what a fine-tuned model's manifest records)."""
-        return json.loads(self.model_dump_json())
+        """The settings as a JSON-ready dict, the run-set ones included (what a manifest records)."""
+        return json.loads(self.model_dump_json()) | self._run_set()
+
+    def _run_set(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.RUN_SET}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainSettings":

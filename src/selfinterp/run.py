@@ -325,7 +325,7 @@ class Run:
             from .backends.simulated import SimulatedBackend
 
             ref = None if which == "base" else ModelRef("simulated", str(self.model_dir(which)))
-            return SimulatedBackend(self.all_scenarios, cfg.simulated.model_dump(), cfg.seed, ref)
+            return SimulatedBackend(self.all_scenarios, cfg.simulated, cfg.seed, ref)
         if cfg.backend == "openai":
             return self.openai_backend(which)
         if cfg.backend == "vllm":

@@ -29,14 +29,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import design, prompts, regression
+from ..config import SimulatedSettings
 from ..journal import atomic_write_text
 from ..modelref import ModelRef
 from ..scenarios import Scenario
 from .base import WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, SelfReport, call_seeds
 
 STATE = "simulated.json"
-DEFAULTS = dict(choice_noise=10.0, position_bias=0.0, fidelity=0.9, report_noise=250.0, report_bias=0.0,
-                introspection_gain=0.5, report_access=1.0, call_delay=0.0)
 
 
 def _seed_of(*parts: Any) -> int:
@@ -46,11 +45,13 @@ def _seed_of(*parts: Any) -> int:
 class SimulatedBackend:
     """A simulated decision-maker with known weights, answering the backend protocol from its prompts."""
 
-    def __init__(self, scenarios: Sequence[Scenario], settings: dict[str, float] | None = None, seed: int = 0,
-                 ref: ModelRef | None = None):
+    def __init__(self, scenarios: Sequence[Scenario], settings: SimulatedSettings | dict[str, float] | None = None,
+                 seed: int = 0, ref: ModelRef | None = None):
         self.by_question = {s.prompt_question: s for s in scenarios}
         self.scenarios = {s.id: s for s in scenarios}
-        self.settings = {**DEFAULTS, **(settings or {})}
+        if not isinstance(settings, SimulatedSettings):  # a config's [simulated] block, validated
+            settings = SimulatedSettings.model_validate(settings or {})
+        self.settings = settings.model_dump()
         self.seed = seed
         self.weights: dict[str, np.ndarray] = {}  # fine-tuned weights; native ones otherwise
         self.introspection_trained = False
