@@ -6,7 +6,7 @@ those descriptions are (Plunkett, Morris, Reddy & Morales, arXiv 2505.17120).
 
 The package is laid out like the protocol: ``scenarios`` -> ``design`` (weights, pairs,
 datasets; texts in ``prompts``) -> fine-tuning and measurement (model backends) ->
-``reports`` (parsing self-reports) -> ``regression`` and ``stats`` (the numeric core) ->
+``report_parser`` (parsing self-reports) -> ``regression`` and ``stats`` (the numeric core) ->
 ``analysis`` (the paper's table) -> figures.
 """
 

@@ -39,7 +39,7 @@ import numpy as np
 from . import analysis, design, layout, modelref, prompts, stats
 from .config import RunConfig, TrainSettings
 from .journal import Journal, atomic_write_json, atomic_write_text, sha256_file, sha256_json
-from .reports import parse_report
+from .report_parser import parse_report
 from .scenarios import Scenario
 
 STAGE_FORMAT = 1  # bump when a stage's outputs change meaning, to redo old runs' stages

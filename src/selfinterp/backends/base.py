@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from ..reports import json_object_end  # noqa: F401  (the stop criterion of JSON generation)
+from ..report_parser import json_object_end  # noqa: F401  (the stop criterion of JSON generation)
 
 Messages = list[dict[str, str]]
 ReportMode = Literal["free", "constrained", "expected"]

@@ -419,7 +419,7 @@ class OpenAIBackend:
     def constrained_reports(self, chats: Sequence[Messages], attribute_names_per_chat: Sequence[Sequence[str]],
                             max_new_tokens: int = 128) -> list[SelfReport]:
         """One self-report per chat, generated under a strict JSON schema of the chat's attribute names."""
-        from ..reports import parse_report
+        from ..report_parser import parse_report
 
         calls = [self._chat("report", c, max_tokens=max_new_tokens, temperature=0,
                             response_format=report_schema(list(names)))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from selfinterp.reports import REASONS, ParsedReport, ParseSummary, parse_report, parse_reports
+from selfinterp.report_parser import REASONS, ParsedReport, ParseSummary, parse_report, parse_reports
 
 NAMES = ["capacity", "spout_size", "handle_length", "spill_resistance", "grip_texture"]
 EXPECTED = (92.0, 15.0, 100.0, -10.0, -52.0)
