@@ -162,6 +162,6 @@ def test_a_cpu_without_native_bf16_is_estimated_in_float32():
         est.REFERENCE_RATES["train"] / est.BF16_SCORE_SPEEDUP_CPU)
     assert est.rate_for("train", dev, "m", "bfloat16").flops == pytest.approx(est.REFERENCE_RATES["train"])
     cfg = config.build("cpu")
-    works = {native: {r["stage"]: r["work"] for r in run.plan(cfg, replace(dev, native_bf16=native))}
+    works = {native: {r["stage"]: r["work"] for r in run.dry_run_rows(cfg, replace(dev, native_bf16=native))}
              for native in (True, False)}
     assert works[True]["instill"].autocast == "bfloat16" and works[False]["instill"].autocast is None

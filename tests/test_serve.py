@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from selfinterp import models
-from selfinterp.serve import command, plan
+from selfinterp.serve import command, serve_plan
 
 VLLM_PYTHON = os.environ.get("SELFINTERP_VLLM_PYTHON", "")
 HAVE_SERVER = importlib.util.find_spec("vllm") is not None or bool(VLLM_PYTHON and os.access(VLLM_PYTHON, os.X_OK))
@@ -49,7 +49,7 @@ def _fake_run(root: Path, base: str, adapter_src: Path | None = None) -> Path:
 def test_plan_of_a_run_serves_base_and_its_adapters(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "resolve", lambda name: tmp_path / "cache" / name)
     run = _fake_run(tmp_path / "run", str(tmp_path / "cache" / "smollm2-135m"))
-    p = plan(str(run))
+    p = serve_plan(str(run))
     assert p.model == str(tmp_path / "cache" / "smollm2-135m") and p.name == "smollm2-135m" and p.dtype == "float32"
     assert p.loras == {"instilled": str(run / "models" / "instilled" / "adapter")}
     assert "itrained_first" in p.skipped and "selfinterp serve" in p.skipped["itrained_first"]
@@ -60,7 +60,7 @@ def test_plan_of_a_run_serves_base_and_its_adapters(tmp_path, monkeypatch):
     assert cmd[cmd.index("--hf-overrides") + 1] == '{"head_dtype": "float32"}'  # as the vllm backend
     assert "--hf-overrides" not in command(p, "/py", extra=["--hf-overrides", "{}"])[:-2]
     assert f"--enable-lora --max-lora-rank 16 --max-loras 1 --lora-modules instilled={run}/models/instilled/adapter" in joined
-    assert plan("smollm2-135m").name == "smollm2-135m"
+    assert serve_plan("smollm2-135m").name == "smollm2-135m"
 
 
 def _free_port() -> int:

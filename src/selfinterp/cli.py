@@ -473,9 +473,9 @@ def print_plan(cfg, out: Path, device: Optional[str] = None) -> None:
     except ValueError as e:
         fail(str(e))
     if cfg.backend == "openai":
-        from .run import plan
+        from .run import dry_run_rows
 
-        return print_api_plan(cfg, out, plan(cfg))
+        return print_api_plan(cfg, out, dry_run_rows(cfg))
     rows, e = estimate_run(cfg, dev, calibrate=device is None or device.strip().lower() == "cpu")
     where = f" on {e.device.name}" if e is not None else ""
     console.print(f"plan for {cfg.name} ({cfg.backend}: {cfg.model if cfg.backend != 'simulated' else 'simulated'})"
@@ -610,7 +610,7 @@ def serve(
 
     from .models import ModelError
     from .backends.vllm import RUNTIME_ENV  # the server runs offline and quiet, like the in-process engine
-    from .serve import ServeError, command, plan as serve_plan, vllm_python
+    from .serve import ServeError, command, serve_plan, vllm_python
 
     try:
         p = serve_plan(target, name)

@@ -929,7 +929,7 @@ def prompt_sizes(cfg: RunConfig) -> dict[str, float]:
     return {"decision": float(np.mean(dec)), "introspection": float(np.mean(intro)), "answer": float(np.mean(ans))}
 
 
-def plan(cfg: RunConfig, device: Any = None) -> list[dict[str, Any]]:
+def dry_run_rows(cfg: RunConfig, device: Any = None) -> list[dict[str, Any]]:
     """Stages with their model calls and training examples. Each row: stage, model_calls,
     call_kind, training_examples, epochs and, for a local model (hf, vllm), ``work``: what the
     estimator (``selfinterp.estimate``) needs, sized for ``device`` (this machine by default)."""
@@ -1005,17 +1005,17 @@ def plan(cfg: RunConfig, device: Any = None) -> list[dict[str, Any]]:
 
 def estimate_run(cfg: RunConfig, device: Any = None, recorded: dict | None = None,
                  calibrate: bool = False) -> tuple[list[dict[str, Any]], Any]:
-    """``plan``'s rows with ``est_seconds`` and ``est_gib`` filled in, and the Estimate (None when
+    """``dry_run_rows``' rows with ``est_seconds`` and ``est_gib`` filled in, and the Estimate (None when
     the run has no local model: the API's plan prices tokens instead). ``device``: this machine's
     by default; ``calibrate``: measure a CPU's matmul rate first (about a second)."""
     from . import estimate as est
 
     if cfg.backend not in ("hf", "vllm"):
-        return plan(cfg, device), None
+        return dry_run_rows(cfg, device), None
     device = device or est.local_device()
     if calibrate:
         device = est.calibrate(device)
-    rows = plan(cfg, device)
+    rows = dry_run_rows(cfg, device)
     e = est.estimate([r["work"] for r in rows], device, cfg.model,
                      recorded=est.read_recorded() if recorded is None else recorded)
     for row, s in zip(rows, e.stages):

@@ -63,7 +63,7 @@ def vllm_python() -> str:
                      "it: `pip install 'selfinterp[vllm]'` (GPU) or see the README, 'vLLM inference', for the CPU venv")
 
 
-def plan(target: str, name: str | None = None) -> Plan:
+def serve_plan(target: str, name: str | None = None) -> Plan:
     """What to serve for a model, a run directory or a fine-tuned model's directory."""
     t = Path(target)
     if modelref.is_finetuned(t) and not (t / "config.json").is_file():

@@ -622,7 +622,7 @@ ASSUMED_AUTO_EPOCHS = 3  # for estimates when n_epochs is 'auto' (the API decide
 
 
 def estimate_plan(cfg: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Tokens and cost per stage of ``selfinterp.run.plan`` rows for a run on the API (adds
+    """Tokens and cost per stage of ``selfinterp.run.dry_run_rows`` rows for a run on the API (adds
     ``input_tokens``, ``output_tokens``, ``training_tokens``, ``cost`` to each row; returns totals
     and notes). Token counts come from the run's real prompts and examples (about 4 characters a
     token); prices from :data:`PRICES` overridden by ``openai.prices``."""
