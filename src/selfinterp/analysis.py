@@ -139,7 +139,7 @@ def learn(choices: layout.Choices, ranges: layout.Ranges) -> Learned:
     return Learned(weights, flags, len(choices.target), "refit from choices")
 
 
-def _mean_reports(reports: layout.Reports) -> dict[str, np.ndarray]:
+def _reports_by_scenario(reports: layout.Reports) -> dict[str, np.ndarray]:
     """scenario -> (n_reports, k) individual reports."""
     return {s: reports.weights[reports.scenario == s] for s in dict.fromkeys(reports.scenario)}
 
@@ -250,7 +250,7 @@ def analyze_model(d: layout.Directory, model: str, n_boot: int = stats.N_BOOT, s
             continue
         rows, strata, skipped = [], [], []
         for g, kind in enumerate(cond.reports):
-            per_scenario = _mean_reports(reports[kind])
+            per_scenario = _reports_by_scenario(reports[kind])
             for s, reps in per_scenario.items():
                 if s in target:
                     rows.append((s, reps))
@@ -305,7 +305,7 @@ def _effect(result: ModelResult, reports: dict, weight_sets: dict, base: str, tr
 
     def rows(cond: Condition) -> dict[str, tuple[np.ndarray, int]]:
         return {s: (reps.mean(axis=0), g) for g, kind in enumerate(cond.reports)
-                for s, reps in _mean_reports(reports[kind]).items()}
+                for s, reps in _reports_by_scenario(reports[kind]).items()}
 
     trained_rows, base_rows = rows(ct), rows(cb)
     ids = [s for s in trained_rows if s in base_rows and s in target]
