@@ -87,3 +87,29 @@ def test_fixture_is_what_the_script_makes(synthetic_data, tmp_path):
             pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-9, atol=1e-12, obj=hint)
         else:
             assert p.read_bytes() == (synthetic_data / p.name).read_bytes(), hint
+
+
+def test_a_study_with_three_attributes_per_scenario(synthetic_data, tmp_path):
+    """k is read from the directory (scenarios file, else the results' columns), not assumed to be 5:
+    the synthetic study cut to each scenario's first 3 attributes analyses with 3 columns."""
+    import shutil
+
+    cut = tmp_path / "k3"
+    shutil.copytree(synthetic_data, cut)
+    scen = json.loads((cut / "scenarios.json").read_text())
+    for s in scen:
+        s["attributes"] = s["attributes"][:3]
+    (cut / "scenarios.json").write_text(json.dumps(scen))
+    drop = [f"{p}{j}" for j in (4, 5) for p in ("attr", "report_attr", "A_attribute_", "B_attribute_")]
+    for p in cut.glob("*.csv"):
+        df = pd.read_csv(p)
+        df.drop(columns=[c for c in drop if c in df.columns]).to_csv(p, index=False)
+    from selfinterp import layout
+
+    assert layout.scan(cut).k == 3 and layout.scan(synthetic_data).k == 5
+    res = analyze(cut, tmp_path / "out")
+    conds = res["models"]["simulated"]
+    assert {c.name for c in CONDITIONS} <= set(conds)
+    assert conds["instillation"]["r"] > 0.5  # 3 of 5 true weights still drive most choices
+    (cut / "scenarios.json").unlink()  # without a scenarios file, k comes from the CSV columns
+    assert layout.scan(cut).k == 3

@@ -22,8 +22,6 @@ import numpy as np
 
 from . import layout, regression, stats
 
-K = 5
-
 
 @dataclass(frozen=True)
 class Condition:
@@ -180,15 +178,16 @@ class _Reader:
     and read as absent. ``notes`` are the lines the console prints: what was skipped, dropped or
     substituted, and what was kept but counted."""
 
-    def __init__(self, strict: bool):
+    def __init__(self, strict: bool, k: int = layout.PAPER_K):
         self.findings = layout.Findings(strict=strict)
+        self.k = k  # attributes per scenario
         self.skipped: list[str] = []
 
     def __call__(self, read, path: Path | None, *args):
         if path is None:
             return None
         try:
-            return read(path, K, self.findings, *args)
+            return read(path, self.k, self.findings, *args)
         except layout.EmptyFile as e:
             self.skipped.append(f"{e}: skipped, with what needs it")
             return None
@@ -204,7 +203,7 @@ class _Reader:
 def analyze_model(d: layout.Directory, model: str, n_boot: int = stats.N_BOOT, seed: int = 0,
                   read: _Reader | None = None) -> ModelResult:
     """One model's conditions and training effects, from the files of a scanned results directory."""
-    read = read or _Reader(strict=False)
+    read = read or _Reader(strict=False, k=d.k)
     files = d.files[model]
     result = ModelResult()
     diag = result.diagnostics
@@ -324,7 +323,7 @@ def analyze(root: str | Path, n_boot: int = stats.N_BOOT, seed: int = 0, strict:
         raise layout.LayoutError(
             f"{root}: no results files found (expected names like <model>_instilled_selections.csv "
             "or <model>_weight_reports.csv)")
-    read = _Reader(strict)
+    read = _Reader(strict, d.k)
     models = {m: analyze_model(d, m, n_boot, seed, read) for m in d.models}
     return Analysis(Path(root), models, n_boot, seed, list(dict.fromkeys(read.notes)))
 

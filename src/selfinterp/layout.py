@@ -84,6 +84,41 @@ class Directory:
         """The models that have files in the directory, sorted."""
         return sorted(self.files)
 
+    @property
+    def k(self) -> int:
+        """How many attributes each scenario has: from the scenarios file, else from the first
+        results file's columns, else the paper's 5 (every scenario of a directory has the same k)."""
+        return attribute_count(self)
+
+
+_NUMBERED = re.compile(r"^(?:attr|A_attribute_|report_attr|b_attr)(\d+)$")
+PAPER_K = 5
+
+
+def attribute_count(d: "Directory") -> int:
+    """The number of attributes per scenario in a results directory (see :attr:`Directory.k`)."""
+    if d.scenarios is not None and d.scenarios.suffix == ".json":
+        from .scenarios import ScenarioError, load
+
+        try:
+            ks = sorted({len(s.attributes) for s in load(d.scenarios, k=None)})
+        except ScenarioError as e:
+            raise LayoutError(str(e)) from None
+        if len(ks) > 1:
+            raise LayoutError(f"{d.scenarios}: scenarios with {' and '.join(map(str, ks))} attributes; the "
+                              "paper's layout holds one number of attributes per directory")
+        return ks[0] if ks else PAPER_K
+    for path in ([d.scenarios] if d.scenarios is not None else []) + [p for f in d.files.values() for p in f.values()]:
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                header = next(csv.reader(f), [])
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue
+        numbers = [int(m.group(1)) for c in header if (m := _NUMBERED.match(c.strip()))]
+        if numbers:
+            return max(numbers)
+    return PAPER_K
+
 
 def scan(root: str | Path) -> Directory:
     """What the results directory ``root`` holds, by model and kind of file."""

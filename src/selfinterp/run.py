@@ -311,6 +311,14 @@ class Run:
         """Every scenario of the design: the instilled ones, then the native ones."""
         return self.design["instilled"] + self.design["native"]
 
+    @property
+    def k(self) -> int:
+        """Attributes per scenario (one number for the whole design: the paper's file layout)."""
+        ks = {s.k for s in self.all_scenarios}
+        if len(ks) != 1:
+            raise ValueError(f"{self.root}: the design mixes scenarios of {sorted(ks)} attributes")
+        return ks.pop()
+
     # -- models
 
     def model_dir(self, which: str) -> Path:
@@ -620,8 +628,8 @@ def _report_curve_evaluator(run: Run, sets: dict[str, tuple[list[Scenario], dict
 
 def _learned(run: Run) -> dict[str, np.ndarray]:
     """The instilled model's learned weights (from the validate stage's choices)."""
-    ranges = layout.read_ranges(run.path("scenarios.json"), 5)
-    return analysis.learn(layout.read_choices(run.path(f"{run.label}_instilled_selections.csv"), 5), ranges).weights
+    ranges = layout.read_ranges(run.path("scenarios.json"), run.k)
+    return analysis.learn(layout.read_choices(run.path(f"{run.label}_instilled_selections.csv"), run.k), ranges).weights
 
 
 def _inner_split(run: Run, scenarios: list[Scenario]) -> tuple[list[Scenario], list[Scenario]]:
@@ -673,8 +681,8 @@ def stage_validate(run: Run) -> dict:
     m, items, p_a = c.summary(), c.items, c.p_a
     truth = np.array([design.simulated_choice(s, d["weights"][s.id], p) == "A" for _, s, p in items])
     agreement = float(np.mean((p_a >= 0.5) == truth))
-    ranges = layout.read_ranges(run.path("scenarios.json"), 5)
-    learned = analysis.learn(layout.read_choices(run.path(m["file"]), 5), ranges)
+    ranges = layout.read_ranges(run.path("scenarios.json"), run.k)
+    learned = analysis.learn(layout.read_choices(run.path(m["file"]), run.k), ranges)
     ids = [s for s in learned.weights if s in d["weights"]]
     r = stats.pearson(np.array([learned.weights[s] for s in ids]), np.array([d["weights"][s] for s in ids])) \
         if len(ids) >= 2 else float("nan")
