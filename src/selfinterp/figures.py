@@ -87,8 +87,8 @@ def scatter_grid(a: Analysis, model: str, path: Path) -> Path:
 
 
 def _fixed_margins(fig, rows: int, cols: int, panel: float = 3.2) -> None:
-    """Margins in inches for a grid of equal panels (what tight_layout finds, without its ~0.3 s of
-    text measuring: the labels here have fixed sizes)."""
+    """Margins in inches for a grid of equal panels: what tight_layout would find, without measuring
+    every text first (the labels here have fixed sizes; bench_analysis.py times the figures)."""
     left, right, bottom, top, wgap, hgap = 0.65, 0.3, 0.55, 0.75, 0.75, 1.0
     W, H = panel * cols, panel * rows
     w = (W - left - right - (cols - 1) * wgap) / cols
