@@ -17,8 +17,9 @@ pytest.importorskip("openai")
 
 from openai_fake import ReplayServer, load_exchanges  # noqa: E402
 
-from selfinterp.backends.openai_api import (FineTuneFailed, OpenAIAPIError, OpenAIBackend, describe_error,  # noqa: E402
-                                            price_for, public_url, redact, report_schema)
+from selfinterp.backends.openai_api import OpenAIBackend, report_schema  # noqa: E402
+from selfinterp.backends.openai_client import FineTuneFailed, OpenAIAPIError, describe_error, public_url, redact  # noqa: E402
+from selfinterp.backends.openai_costs import price_for  # noqa: E402
 
 KEY = "sk-synthetic-TESTKEY-0123456789abcdefXYZ"
 CHAT = [{"role": "system", "content": "s"}, {"role": "user", "content": "[DECISION TASK] A or B?"}]
@@ -220,7 +221,7 @@ def test_key_from_the_keyring_when_the_variable_is_unset(monkeypatch):
     import sys
     import types
 
-    from selfinterp.backends.openai_api import read_api_key
+    from selfinterp.backends.openai_client import read_api_key
 
     monkeypatch.delenv("SI_KR_KEY", raising=False)
     fake = types.SimpleNamespace(get_password=lambda service, user: KEY if (service, user) == ("selfinterp", "SI_KR_KEY") else None)
@@ -249,7 +250,7 @@ def test_retry_after_forms():
     import time
     import types
 
-    from selfinterp.backends.openai_api import _retry_after
+    from selfinterp.backends.openai_client import _retry_after
 
     def exc(headers):
         return types.SimpleNamespace(response=types.SimpleNamespace(headers=headers))

@@ -56,7 +56,7 @@ def test_whole_run_through_the_api_and_the_key_never_lands_on_disk(tmp_path, mon
         assert len(srv.requests) == n_requests and res2 == res
     assert "instilled_reports" in res["models"]["gpt-4o-mini-2024-07-18"]
     # what the run used, from its own records
-    from selfinterp.backends.openai_api import spent
+    from selfinterp.backends.openai_costs import spent
 
     used = spent(tmp_path, cfg)
     assert used["stages"]["instill"]["training_tokens"] == 1234 and used["stages"]["itrain_all"]["training_tokens"] == 1234

@@ -450,7 +450,7 @@ def run_cmd(
 
 def print_spent(cfg, out: Path) -> None:
     """Tokens and cost the run used on the API, from its own records."""
-    from .backends.openai_api import spent
+    from .backends.openai_costs import spent
 
     s = spent(out, cfg)
     t = Table(title=f"used on the API ({s['model']})", title_justify="left")
@@ -520,7 +520,8 @@ def _minutes(seconds: float) -> str:
 
 def print_api_plan(cfg, out: Path, rows: list) -> None:
     """The plan of a run on an OpenAI(-compatible) API: calls, tokens and estimated cost per stage."""
-    from .backends.openai_api import estimate_plan, public_url
+    from .backends.openai_client import public_url
+    from .backends.openai_costs import estimate_plan
 
     est = estimate_plan(cfg, rows)
     t = Table(title=f"plan for {cfg.name} (openai: {est['model']} at {public_url(cfg.openai.base_url)}, "

@@ -222,7 +222,7 @@ class Run:
 
             device_type()
         if "openai" in (self.cfg.backend, self.cfg.trainer_name):  # the package and the key: now, not after design
-            from .backends.openai_api import preflight
+            from .backends.openai_client import preflight
 
             preflight(self.cfg.openai.api_key_env, self.cfg.openai.base_url)
         if not self.is_done(self.stages()[0]):
