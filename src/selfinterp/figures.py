@@ -2,7 +2,9 @@
 
 - ``accuracy_<model>.png``: r with its 95% CI per condition (bar chart, the paper's table);
 - ``scatter_<model>.png``: mean reported weight vs the weight it should match, one panel per
-  condition (pooled halves are shown z-scored, as they are correlated).
+  condition (pooled halves are shown z-scored, as they are correlated);
+- a run's ``training_loss.png`` (loss per step, held-out accuracy at evaluations) and
+  ``report_curves.png`` (report accuracy over training), drawn from its models' manifests.
 """
 
 from __future__ import annotations
@@ -50,9 +52,7 @@ def accuracy_chart(a: Analysis, model: str, path: Path) -> Path:
     ax.set_xlabel("Pearson r (95% CI, bootstrap over scenarios)")
     ax.set_title(f"{model}: accuracy of self-reports", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
 
 
 def scatter_grid(a: Analysis, model: str, path: Path) -> Path:
@@ -81,9 +81,7 @@ def scatter_grid(a: Analysis, model: str, path: Path) -> Path:
         ax.axis("off")
     fig.suptitle(model, fontsize=10)
     _fixed_margins(fig, rows, cols)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def _fixed_margins(fig, rows: int, cols: int, panel: float = 3.2) -> None:
@@ -145,3 +143,52 @@ def forest(table, series: str = "model", title: str = "", ax=None):
         ax.set_title(title, fontsize=10, loc="right")
     fig.tight_layout()
     return fig
+
+
+def _save(fig, path: Path, dpi: int = 100) -> Path:
+    plt = _pyplot()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def training_curves(curves: dict[str, list[float]], evals: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """Write the training loss per step (answer tokens: ln 2 is chance for A/B) per model and, beside
+    it, the held-out answer accuracy at each evaluation, to ``path``; the path."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 7, 3), squeeze=False)
+    ax = axes[0][0]
+    for name, losses in curves.items():
+        ax.plot(range(1, len(losses) + 1), losses, label=name, lw=0.8)
+    ax.axhline(0.6931, color="grey", ls=":", lw=1, label="ln 2 (chance, A/B)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (answer tokens)")
+    ax.legend(fontsize=8)
+    if evals:
+        ax = axes[0][1]
+        for name, pts in evals.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.axhline(0.5, color="grey", ls=":", lw=1)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("held-out answer accuracy")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def report_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """Write r of expected-value reports at each evaluation (one line per model and scenario set;
+    dashed: the set a model was trained on) to ``path``; the path."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for name, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1,
+                ls="--" if name.endswith(("trained", "instilled")) else "-", label=name)
+    ax.axhline(0.0, color="grey", ls=":", lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("r (expected-value reports)")
+    ax.set_ylim(-1, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

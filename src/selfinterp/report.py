@@ -17,6 +17,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from . import figures
 from .analysis import CONDITIONS
 from .journal import atomic_write_text
 
@@ -116,11 +117,8 @@ def report_context(run) -> dict[str, Any]:
 
     prov = {"config": json.loads(cfg.model_dump_json()), "python": platform.python_version(),
             "platform": platform.platform()}
-    for which in MODELS:
-        mf = root / "models" / which / "manifest.json"
-        if mf.exists():
-            m = json.loads(mf.read_text())
-            prov[f"model {which}"] = {k: m.get(k) for k in ("base_model", "method", "data", "versions", "folded_system")}
+    for which, m in _manifests(run).items():
+        prov[f"model {which}"] = {k: m.get(k) for k in ("base_model", "method", "data", "versions", "folded_system")}
     prov["datasets"] = {k: v for k, v in (states.get("design") or {}).get("outputs", {}).items()
                         if k.startswith("datasets/")}
 
@@ -148,81 +146,34 @@ def _estimate_device(run) -> str:
         return "this machine"
 
 
+def _manifests(run) -> dict[str, dict]:
+    """The manifest of each fine-tuned model the run has, by name."""
+    out = {}
+    for which in MODELS:
+        mf = run.root / "models" / which / "manifest.json"
+        if mf.exists():
+            out[which] = json.loads(mf.read_text())
+    return out
+
+
 def _report_curve_plot(run) -> Path | None:
     """r of expected-value reports at each evaluation, per fine-tuned model and scenario set."""
     series = {}
-    for which in MODELS:
-        mf = run.root / "models" / which / "manifest.json"
-        if not mf.exists():
-            continue
-        evals = json.loads(mf.read_text()).get("evals", [])
+    for which, m in _manifests(run).items():
+        evals = m.get("evals", [])
         for key in sorted({k for e in evals for k in e if k.startswith("report_r_")}):
             pts = [(e["step"], e[key]) for e in evals if e.get(key) is not None]
             if pts:
                 series[f"{which}: {key.removeprefix('report_r_')}"] = pts
-    if not series:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3))
-    for name, pts in series.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1,
-                ls="--" if name.endswith(("trained", "instilled")) else "-", label=name)
-    ax.axhline(0.0, color="grey", ls=":", lw=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("r (expected-value reports)")
-    ax.set_ylim(-1, 1)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = run.root / "analysis" / "report_curves.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return figures.report_curves(series, run.root / "analysis" / "report_curves.png") if series else None
 
 
 def _loss_plot(run) -> Path | None:
-    """Training loss per step (answer tokens: ln 2 is chance for A/B) and, beside it, the held-out
-    answer accuracy at the trainer's evaluations (``eval_every``), per fine-tuned model."""
+    """Training loss per step and held-out answer accuracy at the trainer's evaluations, per model."""
     curves, evals = {}, {}
-    for which in MODELS:
-        mf = run.root / "models" / which / "manifest.json"
-        if mf.exists():
-            m = json.loads(mf.read_text())
-            steps = m.get("step_losses", [])
-            if steps:
-                curves[which] = [s["loss"] for s in steps]
-            acc = [(e["step"], e["val_accuracy"]) for e in m.get("evals", []) if e.get("val_accuracy") is not None]
-            if acc:
-                evals[which] = acc
-    if not curves:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 7, 3), squeeze=False)
-    ax = axes[0][0]
-    for name, losses in curves.items():
-        ax.plot(range(1, len(losses) + 1), losses, label=name, lw=0.8)
-    ax.axhline(0.6931, color="grey", ls=":", lw=1, label="ln 2 (chance, A/B)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss (answer tokens)")
-    ax.legend(fontsize=8)
-    if evals:
-        ax = axes[0][1]
-        for name, pts in evals.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.axhline(0.5, color="grey", ls=":", lw=1)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("held-out answer accuracy")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = run.root / "analysis" / "training_loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    for which, m in _manifests(run).items():
+        if steps := m.get("step_losses", []):
+            curves[which] = [s["loss"] for s in steps]
+        if acc := [(e["step"], e["val_accuracy"]) for e in m.get("evals", []) if e.get("val_accuracy") is not None]:
+            evals[which] = acc
+    return figures.training_curves(curves, evals, run.root / "analysis" / "training_loss.png") if curves else None
