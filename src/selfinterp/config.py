@@ -205,6 +205,10 @@ class OpenAISettings(Strict):
     max_poll_interval: float = Field(300.0, ge=0)
     prices: dict[str, OpenAIPrice] = Field(default_factory=dict, description="override or extend the price table")
 
+    # Read by the fine-tuning jobs and the cost estimate, not by the backend that calls a model.
+    NOT_THE_BACKENDS: ClassVar[tuple[str, ...]] = ("model", "models", "prices", "n_epochs", "batch_size",
+                                                   "learning_rate_multiplier", "suffix")
+
     @model_validator(mode="after")
     def _no_credentials_in_url(self) -> "OpenAISettings":
         from urllib.parse import urlsplit

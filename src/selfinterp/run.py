@@ -413,7 +413,7 @@ class Run:
             if not name:
                 raise ValueError(f"models/{which}/manifest.json names no fine-tuned model; set openai.models.{which}")
         record = None if for_training else self.path("raw", "api", f"{self.current or 'calls'}.jsonl")
-        return OpenAIBackend(name, **o.model_dump(exclude={"model", "models", "prices"}), record_path=record,
+        return OpenAIBackend(name, **o.model_dump(exclude=set(o.NOT_THE_BACKENDS)), record_path=record,
                              log=lambda m: self.console.print(f"  {m}", highlight=False, markup=False))
 
     def train_openai(self, which: str, base: str, train_path: Path, val_path: Path | None, settings) -> dict:

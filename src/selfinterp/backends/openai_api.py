@@ -81,7 +81,7 @@ class OpenAIBackend:
                  max_backoff: float = 60.0, choice_method: str = "logprobs", n_samples: int = 20,
                  response_format: str = "none", poll_interval: float = 30.0, max_poll_interval: float = 300.0,
                  record_path: str | Path | None = None, sleep: Callable[[float], None] = time.sleep,
-                 log: Callable[[str], None] | None = None, **_ignored: Any):
+                 log: Callable[[str], None] | None = None):
         try:
             import openai
         except ImportError:
