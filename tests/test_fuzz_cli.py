@@ -283,7 +283,8 @@ def test_paper_layout_csvs(tmp_path_factory, file, row, col, change, number):
     results = json.loads((d / "out" / "results.json").read_text())
     for conds in results["models"].values():
         for c in conds.values():
-            assert -1 <= c["r"] <= 1 and c["ci"][0] <= c["r"] <= c["ci"][1] or math.isnan(c["r"])
+            # A percentile interval of 10 resamples need not hold the point estimate: check ranges only.
+            assert -1 <= c["r"] <= 1 and -1 <= c["ci"][0] <= c["ci"][1] <= 1 or math.isnan(c["r"])
     if expect == "kept":
         assert file in out and "note:" in out and ("outside [-100, 100]" in out or "repeat an earlier row" in out)
         assert results["notes"]
