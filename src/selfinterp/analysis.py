@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import layout, regression, stats
+from .scenarios import DEFAULT_K
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class _Reader:
     and read as absent. ``notes`` are the lines the console prints: what was skipped, dropped or
     substituted, and what was kept but counted."""
 
-    def __init__(self, strict: bool, k: int = layout.PAPER_K):
+    def __init__(self, strict: bool, k: int = DEFAULT_K):
         self.findings = layout.Findings(strict=strict)
         self.k = k  # attributes per scenario
         self.skipped: list[str] = []

@@ -17,6 +17,7 @@ import numpy as np
 from .analysis import CONDITIONS, Analysis
 
 LABELS = {c.name: c.label for c in CONDITIONS}
+PANEL = 3.2  # inches per panel of the scatter grid
 
 
 def _safe(name: str) -> str:
@@ -62,7 +63,7 @@ def scatter_grid(a: Analysis, model: str, path: Path) -> Path:
     names = [c.name for c in CONDITIONS if c.name in conds and conds[c.name].x is not None]
     cols = min(4, len(names))
     rows = int(np.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(PANEL * cols, PANEL * rows), squeeze=False)
     for ax, name in zip(axes.ravel(), names):
         c = conds[name]
         ax.scatter(c.y.ravel(), c.x.ravel(), s=6, alpha=0.4, color="#1f77b4")
@@ -84,7 +85,7 @@ def scatter_grid(a: Analysis, model: str, path: Path) -> Path:
     return _save(fig, path, dpi=110)
 
 
-def _fixed_margins(fig, rows: int, cols: int, panel: float = 3.2) -> None:
+def _fixed_margins(fig, rows: int, cols: int, panel: float = PANEL) -> None:
     """Margins in inches for a grid of equal panels: what tight_layout would find, without measuring
     every text first (the labels here have fixed sizes; bench_analysis.py times the figures)."""
     left, right, bottom, top, wgap, hgap = 0.65, 0.3, 0.55, 0.75, 0.75, 1.0

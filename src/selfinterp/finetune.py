@@ -1052,9 +1052,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from . import models
     from .config import format_errors
 
-    source = args.config if Path(args.config).is_file() else "--config"
+    path = Path(args.config)
+    source, text = (args.config, path.read_text()) if path.is_file() else ("--config", args.config)
     try:
-        settings = FinetuneConfig.model_validate_json(Path(args.config).read_text() if source != "--config" else args.config)
+        settings = FinetuneConfig.model_validate_json(text)
     except ValidationError as e:
         ap.error(format_errors(e, source))
     base = args.base if args.base.endswith(".gguf") else str(models.resolve(args.base))  # registry names too

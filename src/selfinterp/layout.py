@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .journal import atomic_write
+from .scenarios import DEFAULT_K
 
 #: File kinds, most specific pattern first (several suffixes end the same way).
 KINDS: list[tuple[str, re.Pattern]] = [
@@ -92,7 +93,6 @@ class Directory:
 
 
 _NUMBERED = re.compile(r"^(?:attr|A_attribute_|report_attr|b_attr)(\d+)$")
-PAPER_K = 5
 
 
 def attribute_count(d: "Directory") -> int:
@@ -107,7 +107,7 @@ def attribute_count(d: "Directory") -> int:
         if len(ks) > 1:
             raise LayoutError(f"{d.scenarios}: scenarios with {' and '.join(map(str, ks))} attributes; the "
                               "paper's layout holds one number of attributes per directory")
-        return ks[0] if ks else PAPER_K
+        return ks[0] if ks else DEFAULT_K
     for path in ([d.scenarios] if d.scenarios is not None else []) + [p for f in d.files.values() for p in f.values()]:
         try:
             with open(path, newline="", encoding="utf-8-sig") as f:
@@ -117,7 +117,7 @@ def attribute_count(d: "Directory") -> int:
         numbers = [int(m.group(1)) for c in header if (m := _NUMBERED.match(c.strip()))]
         if numbers:
             return max(numbers)
-    return PAPER_K
+    return DEFAULT_K
 
 
 def scan(root: str | Path) -> Directory:
@@ -199,9 +199,10 @@ class Table:
         for j, c in enumerate(columns):
             cells = self.text(c)
             try:  # the common case: float() reads every cell (surrounding blanks included; "1_0" is not a number)
-                if "_" in "".join(cells.tolist()):
+                texts = cells.tolist()
+                if "_" in "".join(texts):
                     raise ValueError
-                values = np.array(cells.tolist(), dtype=float)
+                values = np.array(texts, dtype=float)
             except ValueError:  # find which cell does not read, for the message
                 values = pd.to_numeric(pd.Series([c.strip() for c in cells]), errors="coerce").to_numpy(dtype=float)
             bad = np.flatnonzero(~np.isfinite(values))

@@ -6,7 +6,7 @@ figures, and the diagnostics a reader needs to trust or doubt the numbers: insti
 condition, training losses, stage timings, and the model and data provenance.
 
 The page itself is ``templates/report.html.j2`` (jinja2, autoescaped); this module gathers what it
-shows as plain data (``report_context``) and draws the training plots.
+shows as plain data (``report_context``); ``figures`` draws the PNGs.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def report_context(run) -> dict[str, Any]:
     effects = results["effects"].get(run.label, {})
     states = {s.name: run.state(s.name) for s in run.stages()}
     summaries = {n: (st or {}).get("summary", {}) for n, st in states.items()}
+    manifests = _manifests(run)
 
     accuracy = [dict(label=c.label, r=_fmt(v["r"]), ci=f"[{_fmt(v['ci'][0], '.2f')}, {_fmt(v['ci'][1], '.2f')}]",
                      n_scenarios=v["n_scenarios"], reports=v["n_reports"] or f"({v.get('n_choices', 0)} choices)",
@@ -80,13 +81,13 @@ def report_context(run) -> dict[str, Any]:
     effect_rows = [[n, _fmt(e["diff"], "+.3f"), f"[{_fmt(e['ci'][0], '+.2f')}, {_fmt(e['ci'][1], '+.2f')}]",
                     e["n_scenarios"]] for n, e in effects.items()]
 
-    figures = [dict(alt=alt, src=_data_uri(p), caption=None)
-               for kind, alt in (("accuracy", "r per condition with 95% CIs"), ("scatter", "reported vs learned weights"))
-               for p in sorted((root / "analysis").glob(f"{kind}_*.png"))]
-    if (loss_png := _loss_plot(run)) is not None:
-        figures.append(dict(alt="training loss per step and held-out accuracy", src=_data_uri(loss_png), caption=None))
-    if (curve_png := _report_curve_plot(run)) is not None:
-        figures.append(dict(alt="report accuracy over training", src=_data_uri(curve_png), caption=(
+    images = [dict(alt=alt, src=_data_uri(p), caption=None)
+              for kind, alt in (("accuracy", "r per condition with 95% CIs"), ("scatter", "reported vs learned weights"))
+              for p in sorted((root / "analysis").glob(f"{kind}_*.png"))]
+    if (loss_png := _loss_plot(root, manifests)) is not None:
+        images.append(dict(alt="training loss per step and held-out accuracy", src=_data_uri(loss_png), caption=None))
+    if (curve_png := _report_curve_plot(root, manifests)) is not None:
+        images.append(dict(alt="report accuracy over training", src=_data_uri(curve_png), caption=(
             "Report accuracy over training (report_curves): at each of the trainer's evaluations, one expected-value "
             "report per scenario; r against the learned weights on the fold a model was trained on (trained) and on "
             "the other (held-out), and during instillation against the instilled weights. A trained-fold curve that "
@@ -110,14 +111,14 @@ def report_context(run) -> dict[str, Any]:
     training = [[name, s.get("steps", ""), _fmt(s.get("first_loss"), ".4f"), _fmt(s.get("final_loss"), ".4f"),
                  _fmt(s.get("val_loss"), ".4f"), _fmt(s.get("train_seconds"), ".0f"), s["model"]]
                 for name, s in summaries.items() if "model" in s and name.startswith(("instill", "itrain"))]
-    estimated = _estimates(run)
+    estimated, device = _estimate(run)
     stage_rows = [[n, _fmt(estimated.get(n), ".1f") if n in estimated else "", _fmt((st or {}).get("seconds"), ".1f"),
                    (st or {}).get("finished", ""), ((st or {}).get("key") or "")[:12]]
                   for n, st in states.items() if n != "report"]
 
     prov = {"config": json.loads(cfg.model_dump_json()), "python": platform.python_version(),
             "platform": platform.platform()}
-    for which, m in _manifests(run).items():
+    for which, m in manifests.items():
         prov[f"model {which}"] = {k: m.get(k) for k in ("base_model", "method", "data", "versions", "folded_system")}
     prov["datasets"] = {k: v for k, v in (states.get("design") or {}).get("outputs", {}).items()
                         if k.startswith("datasets/")}
@@ -126,24 +127,19 @@ def report_context(run) -> dict[str, Any]:
         run=dict(name=cfg.name, model=cfg.model if cfg.backend != "simulated" else "simulated decision-maker",
                  backend=cfg.backend, preset=cfg.preset or "none", seed=cfg.seed, n_instilled=cfg.n_instilled,
                  n_native=cfg.n_native, n_train=cfg.n_train, n_reports=cfg.n_reports, report_mode=cfg.report_mode),
-        accuracy=accuracy, effects=effect_rows, figures=figures, validate=validate, parsing=parsing,
-        training=training, stages=stage_rows, estimate_device=_estimate_device(run) if estimated else None,
+        accuracy=accuracy, effects=effect_rows, figures=images, validate=validate, parsing=parsing,
+        training=training, stages=stage_rows, estimate_device=device if estimated else None,
         provenance=json.dumps(prov, indent=1, default=str))
 
 
-def _estimates(run) -> dict[str, float]:
+def _estimate(run) -> tuple[dict[str, float], str]:
+    """estimate.json's seconds per stage ({} when it cannot be read) and the device it was made for."""
     try:
         data = json.loads(run.path("estimate.json").read_text())
-        return {k: float(v["seconds"]) for k, v in data["stages"].items() if v.get("seconds")}
+        seconds = {k: float(v["seconds"]) for k, v in data["stages"].items() if v.get("seconds")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
-
-
-def _estimate_device(run) -> str:
-    try:
-        return str(json.loads(run.path("estimate.json").read_text())["device"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "this machine"
+        return {}, "this machine"
+    return seconds, str(data.get("device", "this machine"))
 
 
 def _manifests(run) -> dict[str, dict]:
@@ -156,24 +152,24 @@ def _manifests(run) -> dict[str, dict]:
     return out
 
 
-def _report_curve_plot(run) -> Path | None:
+def _report_curve_plot(root: Path, manifests: dict[str, dict]) -> Path | None:
     """r of expected-value reports at each evaluation, per fine-tuned model and scenario set."""
     series = {}
-    for which, m in _manifests(run).items():
+    for which, m in manifests.items():
         evals = m.get("evals", [])
         for key in sorted({k for e in evals for k in e if k.startswith("report_r_")}):
             pts = [(e["step"], e[key]) for e in evals if e.get(key) is not None]
             if pts:
                 series[f"{which}: {key.removeprefix('report_r_')}"] = pts
-    return figures.report_curves(series, run.root / "analysis" / "report_curves.png") if series else None
+    return figures.report_curves(series, root / "analysis" / "report_curves.png") if series else None
 
 
-def _loss_plot(run) -> Path | None:
+def _loss_plot(root: Path, manifests: dict[str, dict]) -> Path | None:
     """Training loss per step and held-out answer accuracy at the trainer's evaluations, per model."""
     curves, evals = {}, {}
-    for which, m in _manifests(run).items():
+    for which, m in manifests.items():
         if steps := m.get("step_losses", []):
             curves[which] = [s["loss"] for s in steps]
         if acc := [(e["step"], e["val_accuracy"]) for e in m.get("evals", []) if e.get("val_accuracy") is not None]:
             evals[which] = acc
-    return figures.training_curves(curves, evals, run.root / "analysis" / "training_loss.png") if curves else None
+    return figures.training_curves(curves, evals, root / "analysis" / "training_loss.png") if curves else None

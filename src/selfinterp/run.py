@@ -628,8 +628,9 @@ def _report_curve_evaluator(run: Run, sets: dict[str, tuple[list[Scenario], dict
 
 def _learned(run: Run) -> dict[str, np.ndarray]:
     """The instilled model's learned weights (from the validate stage's choices)."""
-    ranges = layout.read_ranges(run.path("scenarios.json"), run.k)
-    return analysis.learn(layout.read_choices(run.path(f"{run.label}_instilled_selections.csv"), run.k), ranges).weights
+    k = run.k
+    ranges = layout.read_ranges(run.path("scenarios.json"), k)
+    return analysis.learn(layout.read_choices(run.path(f"{run.label}_instilled_selections.csv"), k), ranges).weights
 
 
 def _inner_split(run: Run, scenarios: list[Scenario]) -> tuple[list[Scenario], list[Scenario]]:
@@ -681,8 +682,9 @@ def stage_validate(run: Run) -> dict:
     m, items, p_a = c.summary(), c.items, c.p_a
     truth = np.array([design.simulated_choice(s, d["weights"][s.id], p) == "A" for _, s, p in items])
     agreement = float(np.mean((p_a >= 0.5) == truth))
-    ranges = layout.read_ranges(run.path("scenarios.json"), run.k)
-    learned = analysis.learn(layout.read_choices(run.path(m["file"]), run.k), ranges)
+    k = run.k
+    ranges = layout.read_ranges(run.path("scenarios.json"), k)
+    learned = analysis.learn(layout.read_choices(run.path(m["file"]), k), ranges)
     ids = [s for s in learned.weights if s in d["weights"]]
     r = stats.pearson(np.array([learned.weights[s] for s in ids]), np.array([d["weights"][s] for s in ids])) \
         if len(ids) >= 2 else float("nan")
