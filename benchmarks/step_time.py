@@ -2,7 +2,7 @@
 
 Builds the lower-layer cache for ``PAIRS`` counterbalanced pairs per scenario (the paper's
 stimuli and weights, as ``instill_cpu.py``), then times the first 16 optimizer steps of
-``selfinterp.finetune`` and stops. Where the shared-prefix grouping depends on the data size
+``selfinterp.training.finetune`` and stops. Where the shared-prefix grouping depends on the data size
 (bench_finetune.md), this measures it at the size that matters.
 
     python benchmarks/step_time.py PAIRS [SOFT_T (0: hard labels)] [LAYERS] ['{"trainer": "settings"}']
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import instill_cpu as ic  # noqa: E402
 
 from selfinterp import design, models  # noqa: E402
-from selfinterp.finetune import FinetuneConfig, finetune  # noqa: E402
+from selfinterp.training.finetune import FinetuneConfig, finetune  # noqa: E402
 
 
 class _Stop(Exception):

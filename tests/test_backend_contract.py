@@ -57,7 +57,7 @@ def backend(request, bank, monkeypatch):
             pytest.skip("vllm is not installed in this Python (tests/vllm_inner checks it in the vLLM venv)")
         from selfinterp.backends.vllm import VLLMBackend, release
 
-        yield VLLMBackend(str(request.getfixturevalue("tiny_model_dir")), options={"seed": 0})
+        yield VLLMBackend(str(request.getfixturevalue("tiny_model_dir")), seed=0)
         release()
 
 

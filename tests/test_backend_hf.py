@@ -244,10 +244,10 @@ def test_constrained_number_vocabulary_only_writes_valid_numbers(backend):
 
 
 def test_a_finetune_output_loads_as_an_adapter(tiny_model_dir, bank, tmp_path):
-    """What selfinterp.finetune writes, this backend loads (adapter=the output directory), and it
+    """What selfinterp.training.finetune writes, this backend loads (adapter=the output directory), and it
     answers as it was trained."""
     from selfinterp.backends.hf import HFBackend
-    from selfinterp.finetune import FinetuneConfig, finetune
+    from selfinterp.training.finetune import FinetuneConfig, finetune
 
     base = HFBackend(str(tiny_model_dir), progress=False)
     s = bank[0]

@@ -13,7 +13,7 @@ from selfinterp.analysis import CONDITIONS as ALL_CONDITIONS, EFFECTS as ALL_EFF
 CONDITIONS = [c for c in ALL_CONDITIONS if not c.name.startswith("control_")]
 EFFECTS = [e for e in ALL_EFFECTS if not e[1].startswith("control_")]
 from selfinterp.cli import app
-from selfinterp.run import Run
+from selfinterp.pipeline import Run
 
 run = CliRunner().invoke
 N_ROWS = len(CONDITIONS) + len(EFFECTS)

@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from selfinterp import config, estimate as est, run
+from selfinterp import config, estimate as est, pipeline
 from selfinterp.cli import app
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=3, num_attention_heads=4,
@@ -95,9 +95,9 @@ def test_arithmetic_of_a_training_stage_on_a_gpu():
 
 def test_fits_and_does_not_fit():
     cfg = config.build("paper")
-    rows, e = run.estimate_run(cfg, est.parse_device("h100-80gb"), recorded={})
+    rows, e = pipeline.estimate_run(cfg, est.parse_device("h100-80gb"), recorded={})
     assert e.fits and e.peak_gib < 80 and all(r["est_seconds"] > 0 for r in rows if r["model_calls"] or r["training_examples"])
-    rows, e = run.estimate_run(cfg, est.Device("small cpu", "cpu", 16, cores=2), recorded={})
+    rows, e = pipeline.estimate_run(cfg, est.Device("small cpu", "cpu", 16, cores=2), recorded={})
     assert not e.fits and any("instill" in p and "GiB of RAM" in p for p in e.problems)
 
 
@@ -162,6 +162,6 @@ def test_a_cpu_without_native_bf16_is_estimated_in_float32():
         est.REFERENCE_RATES["train"] / est.BF16_SCORE_SPEEDUP_CPU)
     assert est.rate_for("train", dev, "m", "bfloat16").flops == pytest.approx(est.REFERENCE_RATES["train"])
     cfg = config.build("cpu")
-    works = {native: {r["stage"]: r["work"] for r in run.dry_run_rows(cfg, replace(dev, native_bf16=native))}
+    works = {native: {r["stage"]: r["work"] for r in pipeline.dry_run_rows(cfg, replace(dev, native_bf16=native))}
              for native in (True, False)}
     assert works[True]["instill"].autocast == "bfloat16" and works[False]["instill"].autocast is None

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 from selfinterp import chat_template  # noqa: E402
 from selfinterp.decoder import lower_hidden, top_logits  # noqa: E402
-from selfinterp.finetune import IGNORE, FinetuneConfig, finetune, tokenize_example  # noqa: E402
+from selfinterp.training.finetune import IGNORE, FinetuneConfig, finetune, tokenize_example  # noqa: E402
 from selfinterp.modelref import load_base, load_finetuned  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -325,7 +325,7 @@ def test_two_process_cpu_finetune(tiny_model_dir, tmp_path):
     # torchrun: `accelerate launch --cpu` would need MPI for more than one CPU process; the
     # Accelerator inside joins torchrun's process group with gloo all the same.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "selfinterp.finetune", "--base", str(tiny_model_dir), "--train", str(train), "--val", str(val),
+           "-m", "selfinterp.training.finetune", "--base", str(tiny_model_dir), "--train", str(train), "--val", str(val),
            "--out", str(tmp_path / "out"), "--config", json.dumps(cfg), "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -363,7 +363,7 @@ def paired_examples(n_pairs: int, n_groups: int = 3) -> list[dict]:
 def test_batch_plan_keeps_pairs_and_groups(batching):
     import numpy as np
 
-    from selfinterp.finetune import batch_plan
+    from selfinterp.training.finetune import batch_plan
 
     groups = [i % 3 for i in range(40)]  # 40 pairs, 3 groups
     plan = batch_plan(80, 8, batching, np.random.default_rng(0), groups, groups_per_batch=2)
@@ -379,7 +379,7 @@ def test_batch_plan_keeps_pairs_and_groups(batching):
 
 def test_pair_groups_are_the_question():
     from selfinterp import design, prompts, scenarios
-    from selfinterp.finetune import pair_groups
+    from selfinterp.training.finetune import pair_groups
 
     rows = paired_examples(6, n_groups=3)
     keys = pair_groups(rows)
@@ -416,7 +416,7 @@ def test_paired_training_logs_heldout_accuracy(tiny_model_dir, tmp_path):
 
 
 def test_early_stopping_and_its_identity(tiny_model_dir, tmp_path):
-    from selfinterp.finetune import _training_fields
+    from selfinterp.training.finetune import _training_fields
 
     # lr ~0: the held-out accuracy never improves, so training stops after `patience` more evaluations.
     cfg = FinetuneConfig(method="full", layers=1, batching="pairs", eval_every=1, early_stop_patience=2,
@@ -505,7 +505,7 @@ def test_shared_prefix_cache_is_exact(tiny_model_dir, tmp_path, attn):
     from transformers import AutoTokenizer
 
     from selfinterp.decoder import prefix_groups
-    from selfinterp.finetune import _build_cache, _collate, _prompt, load_base
+    from selfinterp.training.finetune import _build_cache, _collate, _prompt, load_base
 
     model, _ = load_base(str(tiny_model_dir))
     model.config._attn_implementation = attn  # eager attention adds its mask to the scores, sdpa takes booleans
@@ -541,7 +541,7 @@ def test_shared_prefix_training_is_exact(tiny_model_dir, attn):
     included."""
     from transformers import AutoTokenizer
 
-    from selfinterp.finetune import (_build_cache, _collate, _collate_shared, _LossModule, _prepare_trainable,
+    from selfinterp.training.finetune import (_build_cache, _collate, _collate_shared, _LossModule, _prepare_trainable,
                                      _shared_runs, _soft_targets, load_base, tokenize_row)
 
     model, _ = load_base(str(tiny_model_dir))
@@ -597,7 +597,7 @@ def test_prefix_groups_use_the_prefix_all_members_share(smollm2_tokenizer_dir):
     from transformers import AutoTokenizer
 
     from selfinterp.decoder import prefix_groups
-    from selfinterp.finetune import _prompt
+    from selfinterp.training.finetune import _prompt
 
     tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
     head = "System line one.\nThe question is shared by all of us here.\n"
@@ -613,7 +613,7 @@ def test_soft_targets_score_the_first_answer_token(tiny_model_dir):
     cross-entropy to the average of the two answers' log-probabilities; bad targets are refused."""
     from transformers import AutoTokenizer
 
-    from selfinterp.finetune import _collate, _LossModule, _soft_targets, load_base, tokenize_row
+    from selfinterp.training.finetune import _collate, _LossModule, _soft_targets, load_base, tokenize_row
 
     model, _ = load_base(str(tiny_model_dir))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -681,7 +681,7 @@ def test_train_settings_are_the_trainers_settings():
 
 
 def test_release_memory_empties_the_device_cache(monkeypatch):
-    from selfinterp.finetune import release_memory
+    from selfinterp.training.finetune import release_memory
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -694,7 +694,7 @@ def test_release_memory_empties_the_device_cache(monkeypatch):
 def test_bf16_autocast_only_where_the_cpu_has_it(monkeypatch, native):
     """bfloat16 autocast is kept on a CPU with avx512_bf16 (or AMX) and dropped (float32) on one that
     would emulate it; float16 and None pass through."""
-    from selfinterp.finetune import resolve_autocast
+    from selfinterp.training.finetune import resolve_autocast
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
@@ -707,7 +707,7 @@ def test_weights_dtype_auto_and_narrow_frozen_weights(tiny_model_dir, tmp_path, 
     """dtype "auto" is float32 on a CPU (bfloat16 on a GPU that has it), recorded as resolved; with
     frozen weights in bfloat16 the fully trained layers and the final norm are float32 (AdamW
     updates on bfloat16 weights would be lost to rounding), and training still learns."""
-    from selfinterp.finetune import resolve_dtype
+    from selfinterp.training.finetune import resolve_dtype
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # bf16 autocast kept on any CPU
     assert resolve_dtype("auto", torch.device("cpu")) == "float32" and resolve_dtype("bfloat16", torch.device("cpu")) == "bfloat16"

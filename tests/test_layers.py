@@ -1,11 +1,13 @@
 """The package's shape: no import cycles, and no module imports one from a layer above it.
 
-Every ``import`` counts, also those inside functions (a lazy import is still a dependency).
+Every ``import`` counts, also those inside functions (a lazy import is still a dependency); only
+those under ``if TYPE_CHECKING:`` do not (they never run: annotations).
 The layers, lowest first (ARCHITECTURE.md draws them):
 
 - core: scenarios, design, prompts, the numeric core, analysis, figures, report, io, model files;
-- backends (inference only) and training: each uses the core, neither uses the other;
-- pipeline: the runner and the server, which use both;
+- backends (inference only, ``selfinterp.backends``) and training (``selfinterp.training``): each
+  uses the core, neither uses the other;
+- pipeline (``selfinterp.pipeline``): the stages, the runner, measurement, the plan, the server;
 - interface: the CLI and the notebook API.
 """
 
@@ -18,18 +20,24 @@ import selfinterp
 
 ROOT = Path(selfinterp.__file__).parent
 
-PIPELINE = {"selfinterp.run", "selfinterp.serve"}
 INTERFACE = {"selfinterp", "selfinterp.__main__", "selfinterp.api", "selfinterp.cli", "selfinterp.comparison"}
-TRAINING = {"selfinterp.finetune"}
+
+
+def is_training(module: str) -> bool:
+    return module == "selfinterp.training" or module.startswith("selfinterp.training.")
+
+
+def is_backend(module: str) -> bool:
+    return module == "selfinterp.backends" or module.startswith("selfinterp.backends.")
 
 
 def layer(module: str) -> int:
     """0 core, 1 backends and training, 2 pipeline, 3 interface."""
     if module in INTERFACE:
         return 3
-    if module in PIPELINE:
+    if module == "selfinterp.pipeline" or module.startswith("selfinterp.pipeline."):
         return 2
-    if module in TRAINING or module.startswith("selfinterp.backends"):
+    if is_training(module) or is_backend(module):
         return 1
     return 0
 
@@ -47,7 +55,11 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
     """The package's modules that ``name`` imports anywhere in its file."""
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):  # type-only imports never run: not a dependency
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            node.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else [])) \
                 if node.level else (node.module or "")
@@ -66,7 +78,8 @@ def graph() -> dict[str, set[str]]:
 def test_the_import_parser_sees_lazy_and_relative_imports():
     g = graph()
     assert "selfinterp.modelref" in g["selfinterp.backends.hf"]  # `from .. import modelref`
-    assert "selfinterp.finetune" in g["selfinterp.run"]  # inside a method
+    assert "selfinterp.training.local" in g["selfinterp.pipeline.runner"]  # inside a method
+    assert "selfinterp.pipeline.runner" not in g["selfinterp.pipeline.stages"]  # under TYPE_CHECKING
     assert "selfinterp.backends.base" in g["selfinterp.backends.simulated"]  # `from .base import ...`
 
 
@@ -98,5 +111,10 @@ def test_no_module_imports_one_above_its_layer():
 
 def test_backends_run_models_and_do_not_train_them():
     bad = [f"{m} imports {n}" for m, deps in graph().items() for n in deps
-           if (m.startswith("selfinterp.backends") and n in TRAINING) or (m in TRAINING and n.startswith("selfinterp.backends"))]
+           if (is_backend(m) and is_training(n)) or (is_training(m) and is_backend(n))]
     assert not bad, "\n".join(bad)
+    import selfinterp.backends.openai_api as openai_api
+    import selfinterp.backends.simulated as simulated
+
+    for cls in (simulated.SimulatedBackend, openai_api.OpenAIBackend):  # trainers train (selfinterp.training)
+        assert not hasattr(cls, "finetune"), cls

@@ -18,8 +18,10 @@ pytest.importorskip("openai")
 from openai_fake import ReplayServer, load_exchanges  # noqa: E402
 
 from selfinterp.backends.openai_api import OpenAIBackend, report_schema  # noqa: E402
-from selfinterp.backends.openai_client import FineTuneFailed, OpenAIAPIError, describe_error, public_url, redact  # noqa: E402
-from selfinterp.backends.openai_costs import price_for  # noqa: E402
+from selfinterp.openai_client import (FineTuneFailed, OpenAIAPIError, connect, describe_error, public_url,  # noqa: E402
+                                      redact)
+from selfinterp.training.openai_jobs import FineTuneJob  # noqa: E402
+from selfinterp.pipeline.costs import price_for  # noqa: E402
 
 KEY = "sk-synthetic-TESTKEY-0123456789abcdefXYZ"
 CHAT = [{"role": "system", "content": "s"}, {"role": "user", "content": "[DECISION TASK] A or B?"}]
@@ -33,8 +35,14 @@ def key(monkeypatch):
 
 def backend(server, sleeps=None, **kw):
     return OpenAIBackend("gpt-4o-mini-2024-07-18", base_url=server.base_url, api_key_env="SI_TEST_KEY",
-                         poll_interval=5, max_poll_interval=20, concurrency=1,
-                         sleep=(sleeps.append if sleeps is not None else (lambda s: None)), **kw)
+                         concurrency=1, sleep=(sleeps.append if sleeps is not None else (lambda s: None)), **kw)
+
+
+def job(server, out, sleeps=None, sleep=None):
+    """The trainer's fine-tuning job on the fake server (polls every 5 s, growing to 20)."""
+    sleep = sleep or (sleeps.append if sleeps is not None else (lambda s: None))
+    conn = connect(server.base_url, "SI_TEST_KEY", concurrency=1, sleep=sleep)
+    return FineTuneJob(conn, "gpt-4o-mini-2024-07-18", out, poll_interval=5, max_poll_interval=20)
 
 
 def datasets(tmp_path):
@@ -45,10 +53,9 @@ def datasets(tmp_path):
     return train, val
 
 
-def finetune(b, tmp_path):
+def finetune(srv, tmp_path, sleeps=None):
     train, val = datasets(tmp_path)
-    return b.finetune(train, val, out_dir=tmp_path / "model", seed=7, suffix="t-instilled",
-                      hyperparameters={"n_epochs": 3, "batch_size": None})
+    return job(srv, tmp_path / "model", sleeps).run(train, val, 7, "t-instilled", {"n_epochs": 3, "batch_size": None})
 
 
 # -- fine-tuning lifecycle
@@ -57,7 +64,7 @@ def finetune(b, tmp_path):
 def test_upload_create_poll_succeed(tmp_path, key):
     sleeps = []
     with ReplayServer(load_exchanges("finetune_lifecycle.json", "succeed")) as srv:
-        ref = finetune(backend(srv, sleeps), tmp_path)
+        ref = finetune(srv, tmp_path, sleeps)
     assert srv.mismatches == [] and srv.exchanges == []
     assert ref.adapter == "ft:gpt-4o-mini-2024-07-18:synthetic-org:t-instilled:AbC123"
     m = json.loads((tmp_path / "model" / "manifest.json").read_text())
@@ -79,14 +86,14 @@ def test_upload_create_poll_succeed(tmp_path, key):
 def test_failed_job_shows_code_and_message_and_a_rerun_starts_a_new_job_without_reuploading(tmp_path, key):
     with ReplayServer(load_exchanges("finetune_lifecycle.json", "fail")) as srv:
         with pytest.raises(FineTuneFailed) as e:
-            finetune(backend(srv), tmp_path)
+            finetune(srv, tmp_path)
     assert srv.mismatches == []
     msg = str(e.value)
     assert "ftjob-bad1 failed: invalid_training_file: The job failed due to an invalid training file" in msg
     state = json.loads((tmp_path / "model" / "openai_job.json").read_text())
     assert "job" not in state and state["failed_jobs"][0]["id"] == "ftjob-bad1"
     with ReplayServer(load_exchanges("finetune_lifecycle.json", "retry_after_failure")) as srv:
-        ref = finetune(backend(srv), tmp_path)
+        ref = finetune(srv, tmp_path)
     assert srv.mismatches == [] and [r["path"] for r in srv.requests] == [
         "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/ftjob-abc1", "/v1/files/file-result1/content"]  # no upload
     assert ref.metadata["trained_tokens"] == 152340
@@ -101,14 +108,12 @@ def test_restart_reattaches_to_the_recorded_job(tmp_path, key):
 
     train, val = datasets(tmp_path)
     with ReplayServer(load_exchanges("finetune_lifecycle.json", "before_crash")) as srv:
-        b = OpenAIBackend("gpt-4o-mini-2024-07-18", base_url=srv.base_url, api_key_env="SI_TEST_KEY", sleep=crash)
         with pytest.raises(Crash):
-            b.finetune(train, val, out_dir=tmp_path / "model", seed=7, suffix="t-instilled",
-                       hyperparameters={"n_epochs": 3})
+            job(srv, tmp_path / "model", sleep=crash).run(train, val, 7, "t-instilled", {"n_epochs": 3})
     assert srv.mismatches == [] and srv.exchanges == []
     # "restart": a new backend, a new process's worth of state; only polls go out
     with ReplayServer(load_exchanges("finetune_lifecycle.json", "after_restart")) as srv:
-        ref = finetune(backend(srv), tmp_path)
+        ref = finetune(srv, tmp_path)
     assert srv.mismatches == [] and srv.exchanges == []
     assert {r["path"] for r in srv.requests} == {"/v1/fine_tuning/jobs/ftjob-abc1", "/v1/files/file-result1/content"}
     assert ref.adapter.startswith("ft:gpt-4o-mini")
@@ -116,15 +121,14 @@ def test_restart_reattaches_to_the_recorded_job(tmp_path, key):
 
 def test_changed_dataset_is_uploaded_again_and_gets_a_new_job(tmp_path, key):
     with ReplayServer(load_exchanges("finetune_lifecycle.json", "succeed")) as srv:
-        finetune(backend(srv), tmp_path)
+        finetune(srv, tmp_path)
     (tmp_path / "instill_train.jsonl").write_text("changed\n")
     b_ex = load_exchanges("finetune_lifecycle.json", "succeed")
     upload, create, done, download = b_ex[0], b_ex[2], b_ex[-2], b_ex[-1]
     upload["response"]["body"]["id"] = create["request"]["json"]["training_file"] = "file-train2"
     with ReplayServer([upload, create, done, download]) as srv:  # train re-uploaded; val re-used; new job
-        b = backend(srv)
-        b.finetune(tmp_path / "instill_train.jsonl", tmp_path / "instill_val.jsonl", out_dir=tmp_path / "model",
-                   seed=7, suffix="t-instilled", hyperparameters={"n_epochs": 3})
+        job(srv, tmp_path / "model").run(tmp_path / "instill_train.jsonl", tmp_path / "instill_val.jsonl", 7,
+                                         "t-instilled", {"n_epochs": 3})
     assert srv.mismatches == []
     state = json.loads((tmp_path / "model" / "openai_job.json").read_text())
     assert len(state["superseded_jobs"]) == 1
@@ -133,7 +137,7 @@ def test_changed_dataset_is_uploaded_again_and_gets_a_new_job(tmp_path, key):
 def test_rejected_job_creation_is_not_retried_and_names_code_and_message(tmp_path, key):
     with ReplayServer(load_exchanges("finetune_lifecycle.json", "create_rejected")) as srv:
         with pytest.raises(OpenAIAPIError) as e:
-            finetune(backend(srv), tmp_path)
+            finetune(srv, tmp_path)
     assert "create fine-tuning job: HTTP 400 model_not_available: Model gpt-4o-mini-2024-07-18 is not available" \
         in str(e.value)
     state = json.loads((tmp_path / "model" / "openai_job.json").read_text())
@@ -221,7 +225,7 @@ def test_key_from_the_keyring_when_the_variable_is_unset(monkeypatch):
     import sys
     import types
 
-    from selfinterp.backends.openai_client import read_api_key
+    from selfinterp.openai_client import read_api_key
 
     monkeypatch.delenv("SI_KR_KEY", raising=False)
     fake = types.SimpleNamespace(get_password=lambda service, user: KEY if (service, user) == ("selfinterp", "SI_KR_KEY") else None)
@@ -250,7 +254,7 @@ def test_retry_after_forms():
     import time
     import types
 
-    from selfinterp.backends.openai_client import _retry_after
+    from selfinterp.openai_client import _retry_after
 
     def exc(headers):
         return types.SimpleNamespace(response=types.SimpleNamespace(headers=headers))

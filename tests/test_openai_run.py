@@ -18,7 +18,7 @@ from openai_fake import FakeOpenAI  # noqa: E402
 from selfinterp import config  # noqa: E402
 from selfinterp.backends.openai_api import OpenAIAPIError  # noqa: E402
 from selfinterp.cli import app  # noqa: E402
-from selfinterp.run import Run  # noqa: E402
+from selfinterp.pipeline import Run  # noqa: E402
 
 KEY = "sk-proj-FAKE-do-not-leak-7d1c0ffee5a1ad"
 
@@ -56,7 +56,7 @@ def test_whole_run_through_the_api_and_the_key_never_lands_on_disk(tmp_path, mon
         assert len(srv.requests) == n_requests and res2 == res
     assert "instilled_reports" in res["models"]["gpt-4o-mini-2024-07-18"]
     # what the run used, from its own records
-    from selfinterp.backends.openai_costs import spent
+    from selfinterp.pipeline.costs import spent
 
     used = spent(tmp_path, cfg)
     assert used["stages"]["instill"]["training_tokens"] == 1234 and used["stages"]["itrain_all"]["training_tokens"] == 1234

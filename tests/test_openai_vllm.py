@@ -91,7 +91,7 @@ def test_smoke_inference_stages_through_a_real_server(vllm_server, tmp_path, mon
     from rich.console import Console
 
     from selfinterp import config
-    from selfinterp.run import Run
+    from selfinterp.pipeline import Run
 
     names = {k: SERVED for k in ("instilled", "itrained_first", "itrained_last", "itrained_all")}
     cfg = config.build("smoke", overrides={

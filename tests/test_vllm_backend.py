@@ -38,13 +38,16 @@ def test_config_vllm_backend_trains_with_hf_and_keys_only_result_settings():
 
 
 def test_engine_options_resolve_by_device():
-    from selfinterp.backends.vllm import EngineOptions
+    from selfinterp.backends.vllm import resolve
 
-    cpu = EngineOptions().resolved("cpu")
-    assert (cpu.dtype, cpu.head_dtype, cpu.enforce_eager, cpu.adapters) == ("float32", "float32", True, "merged")
-    gpu = EngineOptions().resolved("cuda")
-    assert (gpu.dtype, gpu.head_dtype, gpu.enforce_eager, gpu.adapters) == ("bfloat16", "float32", False, "lora")
-    assert EngineOptions(dtype="bf16", head_dtype="model").resolved("cpu").head_dtype == "bfloat16"
+    cpu = resolve(None, "cpu")
+    assert (cpu.dtype, cpu.head_dtype, cpu.enforce_eager, cpu.adapters, cpu.gpu_memory_utilization) == \
+        ("float32", "float32", True, "merged", 0.3)
+    gpu = resolve(config.VLLMSettings(), "cuda", seed=3)
+    assert (gpu.dtype, gpu.head_dtype, gpu.enforce_eager, gpu.adapters, gpu.seed) == ("bfloat16", "float32", False, "lora", 3)
+    assert resolve({"dtype": "bfloat16", "head_dtype": "model"}, "cpu").head_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="dtype"):  # a dict is a [vllm] block: validated
+        resolve({"dtype": "bf16"}, "cpu")
 
 
 def test_report_regex_is_the_constrained_skeleton():
@@ -96,8 +99,8 @@ def test_release_frees_the_device_cache_with_no_engine_alive(monkeypatch):
 
 
 def test_lora_buffers_are_sized_to_the_adapter(tmp_path):
-    from selfinterp.backends.vllm import EngineOptions, adapter_rank
+    from selfinterp.backends.vllm import adapter_rank, resolve
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 16}))
-    assert adapter_rank(tmp_path) == 16 and EngineOptions().max_lora_rank is None
+    assert adapter_rank(tmp_path) == 16 and resolve(None, "cuda").max_lora_rank is None
     assert config.VLLMSettings().max_lora_rank is None

@@ -31,7 +31,7 @@ def run_experiment(config: str | Path | None = None, *, preset: str | None = Non
     ``out`` defaults to ``runs/<name>``.
     """
     from . import config as cfgmod
-    from .run import Run
+    from .pipeline import Run
 
     if config is None and preset is None:
         raise ValueError("give a configuration file or preset= (smoke, cpu, paper, simulated)")

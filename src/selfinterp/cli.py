@@ -418,7 +418,7 @@ def run_cmd(
     from .layout import LayoutError
     from .lock import RunLocked
     from .models import ModelError
-    from .run import GateFailed, Run
+    from .pipeline import GateFailed, Run
     from .scenarios import ScenarioError
 
     from rich.markup import escape
@@ -450,7 +450,7 @@ def run_cmd(
 
 def print_spent(cfg, out: Path) -> None:
     """Tokens and cost the run used on the API, from its own records."""
-    from .backends.openai_costs import spent
+    from .pipeline.costs import spent
 
     s = spent(out, cfg)
     t = Table(title=f"used on the API ({s['model']})", title_justify="left")
@@ -466,14 +466,14 @@ def print_spent(cfg, out: Path) -> None:
 def print_plan(cfg, out: Path, device: Optional[str] = None) -> None:
     """Print a run's plan per stage (calls, examples, epochs), with time and memory estimates if made."""
     from . import estimate as est
-    from .run import estimate_run
+    from .pipeline import estimate_run
 
     try:
         dev = est.parse_device(device) if device else None
     except ValueError as e:
         fail(str(e))
     if cfg.backend == "openai":
-        from .run import dry_run_rows
+        from .pipeline import dry_run_rows
 
         return print_api_plan(cfg, out, dry_run_rows(cfg))
     rows, e = estimate_run(cfg, dev, calibrate=device is None or device.strip().lower() == "cpu")
@@ -520,8 +520,8 @@ def _minutes(seconds: float) -> str:
 
 def print_api_plan(cfg, out: Path, rows: list) -> None:
     """The plan of a run on an OpenAI(-compatible) API: calls, tokens and estimated cost per stage."""
-    from .backends.openai_client import public_url
-    from .backends.openai_costs import estimate_plan
+    from .openai_client import public_url
+    from .pipeline.costs import estimate_plan
 
     est = estimate_plan(cfg, rows)
     t = Table(title=f"plan for {cfg.name} (openai: {est['model']} at {public_url(cfg.openai.base_url)}, "
@@ -611,7 +611,7 @@ def serve(
 
     from .models import ModelError
     from .backends.vllm import RUNTIME_ENV  # the server runs offline and quiet, like the in-process engine
-    from .serve import ServeError, command, serve_plan, vllm_python
+    from .pipeline.serve import ServeError, command, serve_plan, vllm_python
 
     try:
         p = serve_plan(target, name)

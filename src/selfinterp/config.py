@@ -1,6 +1,6 @@
 """The configuration of an experiment run, its presets, and how it is read from files.
 
-A run is the whole protocol for one model (see :mod:`selfinterp.run`). Everything that changes
+A run is the whole protocol for one model (see :mod:`selfinterp.pipeline`). Everything that changes
 its results is a field here, validated on load with messages that name the field; the stages
 hash the fields they depend on, so changing one re-runs only what is downstream of it.
 
@@ -207,7 +207,8 @@ class OpenAISettings(Strict):
 
     # Read by the fine-tuning jobs and the cost estimate, not by the backend that calls a model.
     NOT_THE_BACKENDS: ClassVar[tuple[str, ...]] = ("model", "models", "prices", "n_epochs", "batch_size",
-                                                   "learning_rate_multiplier", "suffix")
+                                                   "learning_rate_multiplier", "suffix", "poll_interval",
+                                                   "max_poll_interval")
 
     @model_validator(mode="after")
     def _no_credentials_in_url(self) -> "OpenAISettings":
@@ -400,7 +401,7 @@ class RunConfig(Strict):
         likewise; the simulated backend draws per chat from the chat's own seed and the openai one
         sends one request per chat, so there it changes nothing (tests/test_stage_keys.py).
         ``legacy``: the keys before this rule (every block, batch_size everywhere), so that stages
-        recorded under them are still recognised (:meth:`selfinterp.run.Run.is_done`)."""
+        recorded under them are still recognised (:meth:`selfinterp.pipeline.Run.is_done`)."""
         unused = {"openai": self.backend != "openai" and self.trainer_name != "openai", "vllm": self.backend != "vllm"}
         if not legacy:
             unused["simulated"] = "simulated" not in (self.backend, self.trainer_name)

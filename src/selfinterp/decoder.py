@@ -1,6 +1,6 @@
 """The decoder of a causal LM taken apart: its parts, a forward in two pieces, shared prefixes.
 
-Training on cached lower layers (:mod:`selfinterp.finetune`) and scoring many prompts that begin
+Training on cached lower layers (:mod:`selfinterp.training.finetune`) and scoring many prompts that begin
 alike (:mod:`selfinterp.backends.hf`) both run a transformers decoder layer by layer rather than
 through its ``forward``. Everything that depends on the decoder's anatomy lives here:
 

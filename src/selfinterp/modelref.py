@@ -1,12 +1,12 @@
 """A model on disk: what a directory holds and how to load it. The one place that decodes a
-model directory, below both the trainer (:mod:`selfinterp.finetune`) and the backends.
+model directory, below both the trainer (:mod:`selfinterp.training.finetune`) and the backends.
 
 Three things name a model:
 
 - a base model: a registry name (``smollm2-135m``), an HF model directory, a hub id or a ``.gguf``
   file (:func:`load_base`);
 - a bare peft adapter directory (``adapter_config.json``) on a base model named elsewhere;
-- an output directory of :func:`selfinterp.finetune.finetune` (``manifest.json``): a LoRA adapter
+- an output directory of :func:`selfinterp.training.finetune.finetune` (``manifest.json``): a LoRA adapter
   or the trained layers' weights, on the base its manifest names (:func:`read_finetuned`,
   :func:`load_finetuned`); its merged copy, a plain HF directory, is written once into
   ``merged/`` (:func:`materialise`).
@@ -43,7 +43,7 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class Finetuned:
-    """What a :func:`selfinterp.finetune.finetune` output directory holds, from its manifest."""
+    """What a :func:`selfinterp.training.finetune.finetune` output directory holds, from its manifest."""
 
     path: Path
     base_model: str
@@ -67,7 +67,7 @@ def is_peft_adapter(path: str | Path) -> bool:
 
 
 def is_finetuned(path: str | Path) -> bool:
-    """Whether ``path`` is a selfinterp.finetune output directory (it has a manifest)."""
+    """Whether ``path`` is a selfinterp.training.finetune output directory (it has a manifest)."""
     return (Path(path) / MANIFEST).is_file()
 
 
@@ -75,14 +75,14 @@ def read_finetuned(path: str | Path) -> Finetuned:
     """The fine-tuned model in ``path``, or an error that says what the directory lacks."""
     path = Path(path)
     if not is_finetuned(path):
-        raise FileNotFoundError(f"{path} is neither a peft adapter nor a selfinterp.finetune output "
+        raise FileNotFoundError(f"{path} is neither a peft adapter nor a selfinterp.training.finetune output "
                                 f"(no adapter_config.json, no {MANIFEST})")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path / MANIFEST}: unreadable ({e})") from None
     if not isinstance(manifest, dict) or "base_model" not in manifest:
-        raise ValueError(f"{path / MANIFEST} is not a selfinterp.finetune output (no base_model)")
+        raise ValueError(f"{path / MANIFEST} is not a selfinterp.training.finetune output (no base_model)")
     return Finetuned(path, str(manifest["base_model"]), str(manifest.get("method", "full")), manifest)
 
 
@@ -109,11 +109,18 @@ def resolve_dtype(dtype: str, device: Any) -> str:
     return "bfloat16" if device.type == "cuda" and bf16_native(device) else "float32"
 
 
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def torch_dtype(name: str) -> Any:
-    """The torch dtype of a dtype name ("float32", "bfloat16", "float16")."""
+    """The torch dtype of a dtype name ("float32", "bfloat16", "float16", or fp32 / bf16 / fp16):
+    the package's one map of dtype names."""
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return getattr(torch, name)
 
 
 def load_base(base_model: str | Path, dtype: str = "float32", device: Any = None) -> tuple[Any, Any]:

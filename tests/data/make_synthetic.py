@@ -20,7 +20,7 @@ from pathlib import Path
 
 from selfinterp import config
 from selfinterp.layout import classify
-from selfinterp.run import Run
+from selfinterp.pipeline import Run
 
 OUT = Path(__file__).resolve().parent / "synthetic"
 SETTINGS = dict(name="synthetic", seed=0, n_instilled=12, n_native=8, n_train=40, n_val=5,

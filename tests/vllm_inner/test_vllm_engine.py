@@ -68,7 +68,7 @@ def test_float32_matches_transformers(model_dir, hf, chats):
     from selfinterp.backends.vllm import VLLMBackend, release
 
     decision, intro, names = chats
-    v = VLLMBackend(model_dir, options={"dtype": "float32"})
+    v = VLLMBackend(model_dir, settings={"dtype": "float32"})
     try:
         assert v.answer_ids == hf.answer_ids
         assert v._token_prompts(decision[:3]) == [hf.tokenizer(hf.render(c), add_special_tokens=False)["input_ids"]
@@ -115,7 +115,7 @@ def test_bfloat16_within_005(model_dir, hf, chats):
     from selfinterp.backends.vllm import VLLMBackend, release
 
     decision = chats[0]
-    v = VLLMBackend(model_dir, options={"dtype": "bfloat16"})
+    v = VLLMBackend(model_dir, settings={"dtype": "bfloat16"})
     assert v.info["head_dtype"] == "float32"  # both engines: bfloat16 body, float32 lm_head
     try:
         pv = v.choice_probs(decision)
@@ -130,9 +130,9 @@ def test_bfloat16_within_005(model_dir, hf, chats):
 
 
 def test_lora_adapter_served_as_lora_and_merged(model_dir, chats, tmp_path_factory):
-    """A selfinterp.finetune LoRA output: vLLM with LoRARequest and vLLM on the merged weights both
+    """A selfinterp.training.finetune LoRA output: vLLM with LoRARequest and vLLM on the merged weights both
     match transformers + peft."""
-    from selfinterp import finetune as ft
+    from selfinterp.training import finetune as ft
     from selfinterp.backends.hf import HFBackend
     from selfinterp.backends.vllm import VLLMBackend, release
 
@@ -145,7 +145,7 @@ def test_lora_adapter_served_as_lora_and_merged(model_dir, chats, tmp_path_facto
     base = HFBackend(model_dir, dtype="float32", progress=False).choice_probs(decision)
     print(f"\nthe adapter moves P(A) by up to {np.abs(ref.p_a - base.p_a).max():.3f}")
     for mode in ("lora", "merged"):
-        v = VLLMBackend(model_dir, adapter=str(out), options={"dtype": "float32", "adapters": mode})
+        v = VLLMBackend(model_dir, adapter=str(out), settings={"dtype": "float32", "adapters": mode})
         try:
             assert v.info["adapter_served_as"] == mode
             pv = v.choice_probs(decision)

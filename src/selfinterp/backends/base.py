@@ -8,7 +8,7 @@ The protocol needs two things from a model:
 - ``generate(chats, ...)``: free text, e.g. a self-report in JSON.
 
 Backends run models; they do not train them. A local model is trained by
-:mod:`selfinterp.finetune` and read back through :mod:`selfinterp.modelref`; the simulated and
+:mod:`selfinterp.training.finetune` and read back through :mod:`selfinterp.modelref`; the simulated and
 OpenAI backends also have a ``finetune`` method, because there the same service that runs the model
 trains it.
 

@@ -51,9 +51,8 @@ def pick_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = 
     if dtype == "auto":
         return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
-    except KeyError:
+        return modelref.torch_dtype(dtype)
+    except ValueError:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
 
 
@@ -153,7 +152,7 @@ class HFBackend:
 
     def _load(self, path: Path | str) -> tuple[Any, Any]:
         """(model, tokenizer): the base model, plus the adapter if any. An adapter is a peft
-        adapter directory, or an output directory of :func:`selfinterp.finetune.finetune`
+        adapter directory, or an output directory of :func:`selfinterp.training.finetune.finetune`
         (LoRA or full fine-tuning; loaded by that module, onto the base its manifest names)."""
         adapter = Path(self.adapter) if self.adapter else None
         if adapter is not None and not modelref.is_peft_adapter(adapter):

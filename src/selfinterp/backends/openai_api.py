@@ -17,8 +17,9 @@ with exactly the scenario's attribute names as integer properties in [-100, 100]
 structured outputs; on vLLM, guided decoding) - the API's counterpart of the local backend's
 constrained mode.
 
-Fine-tuning (``finetune``) runs a job through the API (``openai_jobs``); calls, retries, errors
-and secrets are ``openai_client``'s; what a run costs is ``openai_costs``'s.
+Calls, retries, errors and secrets are :mod:`selfinterp.openai_client`'s; fine-tuning through the
+API is a trainer's (:mod:`selfinterp.training.openai_jobs`), what a run costs the pipeline's
+(:mod:`selfinterp.pipeline.costs`).
 
 With a ``record_path``, every response is appended to it (fsync'd) as it arrives, and a backend
 made again on the same file answers the requests it holds from it: calls answered before a
@@ -39,12 +40,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..modelref import ModelRef
 from .base import WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, SelfReport, call_seeds
-from .openai_client import (OFFICIAL_BASE_URL, Caller, FineTuneFailed, OpenAIAPIError,  # noqa: F401 - the
-                            public_url, read_api_key, redact)  # backend's errors, importable from here
-from .openai_jobs import FineTuneJob
-
+from ..openai_client import (OFFICIAL_BASE_URL, FineTuneFailed, OpenAIAPIError,  # noqa: F401 - the
+                             connect, public_url, redact)  # backend's errors, importable from here
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,30 +77,18 @@ class OpenAIBackend:
     def __init__(self, model: str, base_url: str = OFFICIAL_BASE_URL, api_key_env: str | None = "OPENAI_API_KEY",
                  concurrency: int = 8, max_retries: int = 6, timeout: float = 120.0, backoff: float = 1.0,
                  max_backoff: float = 60.0, choice_method: str = "logprobs", n_samples: int = 20,
-                 response_format: str = "none", poll_interval: float = 30.0, max_poll_interval: float = 300.0,
-                 record_path: str | Path | None = None, sleep: Callable[[float], None] = time.sleep,
+                 response_format: str = "none", record_path: str | Path | None = None, sleep: Callable[[float], None] = time.sleep,
                  log: Callable[[str], None] | None = None):
-        try:
-            import openai
-        except ImportError:
-            raise OpenAIAPIError("the openai backend needs the openai package: pip install 'selfinterp[openai]'") from None
         if choice_method not in ("logprobs", "sample", "greedy"):
             raise ValueError(f"choice_method must be logprobs, sample or greedy, not {choice_method!r}")
         self.model = model
         self.base_url = base_url
-        key = read_api_key(api_key_env, base_url)
-        self._secrets = (key,)
-        # The SDK's own max_retries has the same policy (backoff, Retry-After) but retries silently:
-        # Caller adds what it lacks — a log line per retry (key redacted), a count, an injectable sleep.
-        self.client = openai.OpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=timeout)
-        self.caller = Caller(max_retries, backoff, max_backoff, concurrency, self._secrets, sleep, log)
+        conn = connect(base_url, api_key_env, concurrency, max_retries, timeout, backoff, max_backoff, sleep, log)
+        self.client, self.caller, self._secrets = conn.client, conn.caller, conn.secrets
         self.choice_method = choice_method
         self.n_samples = n_samples
         self.response_format = response_format
-        self.poll_interval = poll_interval
-        self.max_poll_interval = max_poll_interval
-        self.sleep = sleep
-        self.log = log or (lambda s: None)
+        self.log = conn.log
         self.record_path = Path(record_path) if record_path else None
         self._record_lock = threading.Lock()
         self._recorded = self._read_records()
@@ -235,13 +221,3 @@ class OpenAIBackend:
         return out
 
     # -- fine-tuning
-
-    def finetune(self, train: Any, val: Any, config: Any = None, out_dir: str | Path | None = None,
-                 seed: int | None = None, suffix: str | None = None,
-                 hyperparameters: Mapping[str, Any] | None = None) -> ModelRef:
-        """Fine-tune ``self.model`` on the chat JSONL file ``train`` (validated on ``val``) through
-        the fine-tuning API; resumable: ids are recorded in ``out_dir`` as soon as they exist."""
-        if out_dir is None:
-            raise ValueError("the openai backend needs an out_dir to record its files and job")
-        return FineTuneJob(self, Path(out_dir)).run(Path(train), Path(val) if val else None, seed, suffix,
-                                                     dict(hyperparameters or {}))

@@ -4,86 +4,38 @@ It reads the same prompts a language model reads and answers through the same in
 
 - choices: a decision-maker with weights w per scenario answers A with probability
   sigmoid((U(A) - U(B)) / choice_noise + position_bias), U as in the protocol;
-- fine-tuning on decision examples: per scenario, it fits the preferences the examples show
-  (the package's own regression) and moves its weights that far towards them (``fidelity``);
-  on introspection examples: its reports get less noisy (``introspection_gain``), on every
-  scenario, trained or not (the generalisation the paper reports);
+- after introspection training (:mod:`selfinterp.training.simulated`): its reports get less
+  noisy (``introspection_gain``), on every scenario, trained or not (the generalisation the
+  paper reports);
 - self-reports: its true weights plus Gaussian noise (``report_noise``) and ``report_bias``,
   clipped to [-100, 100], as the JSON the paper asks for; with ``report_access`` < 1 they
   centre on a mix of its true weights and weights unrelated to its choices (0: a model that
   cannot see its own preferences, the null the permutation test must not reject).
 
-Before any fine-tuning its weights are its "native" preferences, drawn per scenario from the
-seed. Its state after fine-tuning is a small JSON file, so a fine-tuned simulated model is a
-:class:`ModelRef` like any other. Draws are seeded by the prompt, so answers are reproducible
-and a resumed run gets the answers it would have got.
+The decision-maker itself (native weights, fine-tuned state) is
+:class:`selfinterp.simulated_model.SimulatedModel`. Draws are seeded by the prompt, so answers are
+reproducible and a resumed run gets the answers it would have got.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .. import design, prompts, regression
-from ..config import SimulatedSettings
-from ..journal import atomic_write_text
-from ..modelref import ModelRef
-from ..scenarios import Scenario
+from .. import design, prompts
+from ..simulated_model import SimulatedModel
 from .base import WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, SelfReport, call_seeds
-
-STATE = "simulated.json"
 
 
 def _seed_of(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256("\0".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
-class SimulatedBackend:
-    """A simulated decision-maker with known weights, answering the backend protocol from its prompts."""
-
-    def __init__(self, scenarios: Sequence[Scenario], settings: SimulatedSettings | dict[str, float] | None = None,
-                 seed: int = 0, ref: ModelRef | None = None):
-        self.by_question = {s.prompt_question: s for s in scenarios}
-        self.scenarios = {s.id: s for s in scenarios}
-        if not isinstance(settings, SimulatedSettings):  # a config's [simulated] block, validated
-            settings = SimulatedSettings.model_validate(settings or {})
-        self.settings = settings.model_dump()
-        self.seed = seed
-        self.weights: dict[str, np.ndarray] = {}  # fine-tuned weights; native ones otherwise
-        self.introspection_trained = False
-        if ref is not None and ref.adapter is not None:
-            state = json.loads((Path(ref.adapter) / STATE).read_text())
-            self.weights = {k: np.array(v) for k, v in state["weights"].items()}
-            self.introspection_trained = state["introspection_trained"]
-        self.info = {"backend": "simulated", "settings": self.settings, "seed": seed,
-                     "introspection_trained": self.introspection_trained}
-
-    # -- the decision-maker
-
-    def native_weights(self, scenario: Scenario) -> np.ndarray:
-        """Its native weights for a scenario: drawn from the seed, rescaled to max |w| = 100."""
-        w = design.rng_for(self.seed, scenario.id, "simulated-native").uniform(-100, 100, scenario.k)
-        return design.rescale(w)
-
-    def true_weights(self, scenario: Scenario) -> np.ndarray:
-        """The weights it chooses by: its fine-tuned ones for the scenario, else its native ones."""
-        return self.weights.get(scenario.id, self.native_weights(scenario))
-
-    def reported_centre(self, scenario: Scenario) -> np.ndarray:
-        """What its reports centre on: its true weights, as far as ``report_access`` lets it see them."""
-        access = self.settings["report_access"]
-        if access == 1.0:
-            return self.true_weights(scenario)
-        decoy = design.rescale(design.rng_for(self.seed, scenario.id, "simulated-decoy").uniform(-100, 100, scenario.k))
-        return access * self.true_weights(scenario) + (1 - access) * decoy
-
-    def _read(self, chat: Messages):
-        user = next(m["content"] for m in chat if m["role"] == "user")
-        return user, *prompts.parse_prompt(user, self.by_question)
+class SimulatedBackend(SimulatedModel):
+    """The simulated model answering the backend protocol from its prompts."""
 
     def choice_probs(self, chats: Sequence[Messages]) -> ChoiceProbs:
         """P(A) per decision prompt from the utility difference under its true weights (mass 1)."""
@@ -139,42 +91,6 @@ class SimulatedBackend:
 
             time.sleep(self.settings["call_delay"] * n)
 
-    # -- "fine-tuning"
-
-    def finetune(self, train: Any, val: Any, config: Any = None, out_dir: str | Path | None = None) -> ModelRef:
-        """Adopt the preferences shown by decision examples; learn to report from introspection examples."""
-        if out_dir is None:
-            raise ValueError("the simulated backend needs an out_dir to keep its fine-tuned state")
-        rows = _read_examples(train)
-        by_scenario: dict[str, list[tuple[np.ndarray, float]]] = {}
-        introspection = 0
-        for row in rows:
-            chat = row["messages"]
-            answer = chat[-1]["content"].strip()
-            _, s, a, b = self._read(chat[:-1])
-            if answer in ("A", "B"):
-                diff = design.normalise(s, np.array(a)) - design.normalise(s, np.array(b))
-                by_scenario.setdefault(s.id, []).append((diff, 1.0 if answer == "A" else 0.0))
-            else:
-                introspection += 1
-        weights = {k: v.tolist() for k, v in self.weights.items()}
-        if by_scenario:
-            ids = list(by_scenario)
-            fit = regression.fit_preferences(*regression.pad(
-                [(np.array([d for d, _ in by_scenario[i]]), np.array([y for _, y in by_scenario[i]])) for i in ids]))
-            f = self.settings["fidelity"]
-            for i, sid in enumerate(ids):
-                if fit.flags[i] == "":
-                    mixed = (1 - f) * self.true_weights(self.scenarios[sid]) + f * fit.weights[i]
-                    weights[sid] = design.rescale(mixed).tolist()
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {"weights": weights, "introspection_trained": self.introspection_trained or introspection > 0,
-                 "trained_on": {"decision_examples": sum(len(v) for v in by_scenario.values()),
-                                "introspection_examples": introspection}}
-        atomic_write_text(out / STATE, json.dumps(state))
-        return ModelRef(base="simulated", adapter=str(out), metadata=state["trained_on"])
-
 
 def _clipped_normal_moments(mu: np.ndarray, sigma: float, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
     """Mean and SD of clip(X, lo, hi) for X ~ N(mu, sigma^2), elementwise."""
@@ -190,12 +106,6 @@ def _clipped_normal_moments(mu: np.ndarray, sigma: float, lo: float, hi: float) 
     m2 = (lo**2 * Fa + hi**2 * (1 - Fb) + mu**2 * inside + 2 * mu * sigma * (fa - fb)
           + sigma**2 * (inside + a * fa - b * fb))
     return m1, np.sqrt(np.maximum(m2 - m1**2, 0.0))
-
-
-def _read_examples(data: Any) -> list[dict]:
-    if isinstance(data, (str, Path)):
-        return [json.loads(line) for line in Path(data).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return list(data)
 
 
 # --------------------------------------------------------------------------------------------

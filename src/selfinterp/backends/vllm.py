@@ -47,13 +47,14 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from .. import modelref, models, prompts
+from ..config import VLLMSettings
 from ..chat_template import ANSWER_LETTERS, answer_token_ids, encode, render, supports_system
 from .base import (WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, SelfReport, call_seeds,
                    json_object_end)
@@ -110,46 +111,43 @@ def device_type() -> str:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """What the engine is built with (the fields of ``[vllm]`` in a run config, see
-    :class:`selfinterp.config.VLLMSettings`). ``None`` means: chosen by device."""
+    """What the engine is built with: a run's ``[vllm]`` settings (:class:`selfinterp.config.VLLMSettings`,
+    the one place their defaults live) with the choices left to the device made, and the seed.
+    Made by :func:`resolve`; it has no defaults of its own."""
 
-    dtype: str = "auto"  # auto: float32 on CPU (as the transformers backend), bfloat16 on GPU
-    head_dtype: str = "float32"  # the lm_head's dtype: "float32", or "model" (resolved to dtype); see the module docstring
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    max_model_len: int | None = 4096
-    enforce_eager: bool | None = None  # None: True on CPU (start in ~20 s instead of ~70 s), False on GPU
-    gpu_memory_utilization: float | None = None  # None: 0.85 on GPU; 0.3 on CPU, where vLLM refuses to start
-    # unless that share of RAM is free (its default 0.92 fails beside any other job)
-    enable_prefix_caching: bool = True
-    adapters: str = "auto"  # "lora": LoRARequest; "merged": merge first; "auto": lora on GPU, merged on CPU
-    max_lora_rank: int | None = None  # None: the served adapter's own rank (buffers sized to it)
-    max_num_seqs: int | None = None
-    cpu_kvcache_gb: float | None = None  # VLLM_CPU_KVCACHE_SPACE (GiB)
-    distributed_executor_backend: str | None = None  # "mp" or "ray" (several nodes)
-    seed: int = 0
+    dtype: str
+    head_dtype: str
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    max_model_len: int | None
+    enforce_eager: bool
+    gpu_memory_utilization: float
+    enable_prefix_caching: bool
+    adapters: str
+    max_lora_rank: int | None
+    max_num_seqs: int | None
+    cpu_kvcache_gb: float | None
+    distributed_executor_backend: str | None
+    seed: int
 
-    @classmethod
-    def from_settings(cls, settings: Any) -> "EngineOptions":
-        """The options of a run config's ``[vllm]`` settings (a model or a dict; None: the defaults)."""
-        if settings is None:
-            return cls()
-        data = settings if isinstance(settings, dict) else settings.model_dump()
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
-    def resolved(self, device: str) -> "EngineOptions":
-        """These options with the choices left to the device (dtype, eager, adapters, memory) made."""
-        from dataclasses import replace
-
-        cpu = device == "cpu"
-        dtype = self.dtype if self.dtype != "auto" else ("float32" if cpu else "bfloat16")
-        alias = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-        dtype = alias.get(dtype, dtype)
-        head = dtype if self.head_dtype == "model" else alias.get(self.head_dtype, self.head_dtype)
-        eager = self.enforce_eager if self.enforce_eager is not None else cpu
-        adapters = self.adapters if self.adapters != "auto" else ("merged" if cpu else "lora")
-        mem = self.gpu_memory_utilization if self.gpu_memory_utilization is not None else (0.3 if cpu else 0.85)
-        return replace(self, dtype=dtype, head_dtype=head, enforce_eager=eager, adapters=adapters, gpu_memory_utilization=mem)
+def resolve(settings: VLLMSettings | dict | None, device: str, seed: int = 0) -> EngineOptions:
+    """The engine options of ``settings`` (a dict is validated as a ``[vllm]`` block; None: the
+    defaults) on ``device`` ("cpu" or "cuda"): dtype auto -> float32 on CPU (as the transformers
+    backend), bfloat16 on GPU; eager on CPU (start in ~20 s instead of ~70 s); adapters merged on
+    CPU, LoRA on GPU; memory share 0.85 of a GPU, 0.3 on CPU (where vLLM refuses to start unless
+    that share of RAM is free: its default 0.92 fails beside any other job)."""
+    if not isinstance(settings, VLLMSettings):
+        settings = VLLMSettings.model_validate(settings or {})
+    s = settings.model_dump()
+    cpu = device == "cpu"
+    s["dtype"] = s["dtype"] if s["dtype"] != "auto" else ("float32" if cpu else "bfloat16")
+    s["head_dtype"] = s["dtype"] if s["head_dtype"] == "model" else s["head_dtype"]
+    s["enforce_eager"] = s["enforce_eager"] if s["enforce_eager"] is not None else cpu
+    s["adapters"] = s["adapters"] if s["adapters"] != "auto" else ("merged" if cpu else "lora")
+    if s["gpu_memory_utilization"] is None:
+        s["gpu_memory_utilization"] = 0.3 if cpu else 0.85
+    return EngineOptions(**s, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,7 +220,7 @@ def release() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Models made by selfinterp.finetune
+# Models made by selfinterp.training.finetune
 
 
 def adapter_rank(adapter_dir: Path) -> int:
@@ -235,15 +233,15 @@ class VLLMBackend:
     """A causal LM on vLLM behind the backend protocol.
 
     ``model``: registry name, local HF directory or hub id. ``adapter``: a peft adapter
-    directory, or an output directory of :func:`selfinterp.finetune.finetune` (LoRA served as a
+    directory, or an output directory of :func:`selfinterp.training.finetune.finetune` (LoRA served as a
     ``LoRARequest`` or merged, by ``options.adapters``; full fine-tuning merged)."""
 
     def __init__(self, model: str = models.DEFAULT_MODEL, adapter: str | None = None,
-                 options: EngineOptions | dict | Any | None = None, progress: bool = False):
+                 settings: VLLMSettings | dict | None = None, seed: int = 0, progress: bool = False):
         self.model_name = str(model)
         self.progress = progress
         device = device_type()
-        opts = (options if isinstance(options, EngineOptions) else EngineOptions.from_settings(options)).resolved(device)
+        opts = resolve(settings, device, seed)
         path, lora = self._weights(model, adapter, opts)
         self.lora_request = None
         enable_lora = lora is not None
@@ -251,8 +249,7 @@ class VLLMBackend:
             from vllm.lora.request import LoRARequest
 
             rank = adapter_rank(lora)
-            opts = EngineOptions(**{**opts.__dict__, "max_lora_rank": rank if opts.max_lora_rank is None
-                                    else max(opts.max_lora_rank, rank)})
+            opts = replace(opts, max_lora_rank=rank if opts.max_lora_rank is None else max(opts.max_lora_rank, rank))
             self.lora_request = LoRARequest(lora.parent.name if lora.name == "adapter" else lora.name,
                                             _lora_id(lora), str(lora))
         self.opts = opts
@@ -292,7 +289,7 @@ class VLLMBackend:
             if opts.adapters == "lora":
                 return models.resolve(model), a
             raise ValueError(f"{a}: a bare peft adapter can only be served as LoRA (vllm.adapters = 'lora'); "
-                             "give the selfinterp.finetune output directory to have it merged")
+                             "give the selfinterp.training.finetune output directory to have it merged")
         ft = modelref.read_finetuned(a)
         if ft.method == "lora" and opts.adapters == "lora":
             return models.resolve(ft.base_model), ft.adapter

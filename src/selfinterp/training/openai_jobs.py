@@ -1,4 +1,5 @@
-"""Fine-tuning through the API: upload the chat JSONL datasets, create a job, poll it with backoff.
+"""The OpenAI trainer: fine-tuning through the API (upload the chat JSONL datasets, create a job,
+poll it with backoff).
 
 Every id is recorded in ``out_dir/openai_job.json`` as soon as it exists, so a restarted run
 re-attaches to its files and job instead of uploading or training again; the result (fine-tuned
@@ -8,12 +9,14 @@ model name, trained tokens) goes into ``out_dir/manifest.json``.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..journal import atomic_write_json
 from ..modelref import ModelRef
-from .openai_client import FineTuneFailed, OpenAIAPIError, public_url, redact
+from ..config import OpenAISettings, TrainSettings
+from ..openai_client import Connection, FineTuneFailed, OpenAIAPIError, connect, public_url, redact
 
 JOB_STATE = "openai_job.json"
 MANIFEST = "manifest.json"
@@ -22,10 +25,14 @@ MANIFEST = "manifest.json"
 class FineTuneJob:
     """Upload -> create -> poll, with every id written to ``openai_job.json`` as soon as it exists."""
 
-    def __init__(self, backend: Any, out: Path):  # an OpenAIBackend: its client, caller, log and sleep
-        self.b = backend
+    def __init__(self, conn: Connection, model: str, out: Path, poll_interval: float = 30.0,
+                 max_poll_interval: float = 300.0):
+        self.conn = conn
+        self.model = model
         self.out = out
         self.path = out / JOB_STATE
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
 
     def load(self) -> dict:
         """The job state recorded in ``openai_job.json`` (a fresh one if absent or unreadable)."""
@@ -43,17 +50,17 @@ class FineTuneJob:
         digest = sha256_file(path)
         known = state["files"].get(role)
         if known and known["sha256"] == digest:
-            self.b.log(f"{role}: re-using uploaded file {known['id']} ({path.name})")
+            self.conn.log(f"{role}: re-using uploaded file {known['id']} ({path.name})")
             return known["id"]
 
         def go():
             with open(path, "rb") as f:
-                return self.b.client.files.create(file=(path.name, f.read()), purpose="fine-tune")
+                return self.conn.client.files.create(file=(path.name, f.read()), purpose="fine-tune")
 
-        obj = self.b.caller.call(f"upload {path.name}", go)
+        obj = self.conn.caller.call(f"upload {path.name}", go)
         state["files"][role] = {"id": obj.id, "sha256": digest, "filename": path.name, "bytes": getattr(obj, "bytes", None)}
         atomic_write_json(self.path, state)
-        self.b.log(f"{role}: uploaded {path.name} as {obj.id}")
+        self.conn.log(f"{role}: uploaded {path.name} as {obj.id}")
         return obj.id
 
     def run(self, train: Path, val: Path | None, seed: int | None, suffix: str | None,
@@ -61,7 +68,7 @@ class FineTuneJob:
         """The fine-tuned model, from a new or re-attached job; its manifest is written beside the job state."""
         self.out.mkdir(parents=True, exist_ok=True)
         state = self.load()
-        request: dict[str, Any] = {"model": self.b.model, "training_file": self.upload(state, "training_file", train)}
+        request: dict[str, Any] = {"model": self.model, "training_file": self.upload(state, "training_file", train)}
         if val is not None:
             request["validation_file"] = self.upload(state, "validation_file", val)
         if seed is not None:
@@ -73,30 +80,30 @@ class FineTuneJob:
             request["method"] = {"type": "supervised", "supervised": {"hyperparameters": hp}}
         job = state.get("job")
         if job and job.get("request") != request:
-            self.b.log(f"fine-tuning job {job['id']} was made for other settings or data; starting a new one")
+            self.conn.log(f"fine-tuning job {job['id']} was made for other settings or data; starting a new one")
             state.setdefault("superseded_jobs", []).append(job)
             job = None
         if job is None:
-            created = self.b.caller.call("create fine-tuning job",
-                                         lambda: self.b.client.fine_tuning.jobs.create(**request))
+            created = self.conn.caller.call("create fine-tuning job",
+                                         lambda: self.conn.client.fine_tuning.jobs.create(**request))
             job = {"id": created.id, "request": request, "status": created.status}
             state["job"] = job
             atomic_write_json(self.path, state)
-            self.b.log(f"created fine-tuning job {created.id} on {self.b.model}")
+            self.conn.log(f"created fine-tuning job {created.id} on {self.model}")
         else:
-            self.b.log(f"re-attaching to fine-tuning job {job['id']} ({job.get('status')})")
+            self.conn.log(f"re-attaching to fine-tuning job {job['id']} ({job.get('status')})")
         done = self.poll(state)
         metrics = self.save_results(list(getattr(done, "result_files", None) or []))
-        manifest = {"trainer": "openai", "base_model": self.b.model, "fine_tuned_model": done.fine_tuned_model,
+        manifest = {"trainer": "openai", "base_model": self.model, "fine_tuned_model": done.fine_tuned_model,
                     "job_id": done.id, "training_file": request["training_file"],
                     "validation_file": request.get("validation_file"), "seed": getattr(done, "seed", seed),
                     "trained_tokens": done.trained_tokens, "hyperparameters": _dump(getattr(done, "hyperparameters", None)),
                     "method": _dump(getattr(done, "method", None)), "status": done.status,
                     "created_at": getattr(done, "created_at", None), "finished_at": getattr(done, "finished_at", None),
                     "result_files": list(getattr(done, "result_files", None) or []), **metrics,
-                    "base_url": public_url(self.b.base_url)}
+                    "base_url": public_url(self.conn.base_url)}
         atomic_write_json(self.out / MANIFEST, manifest)
-        return ModelRef(base=self.b.model, adapter=done.fine_tuned_model, metadata=manifest)
+        return ModelRef(base=self.model, adapter=done.fine_tuned_model, metadata=manifest)
 
     def save_results(self, file_ids: list[str]) -> dict:
         """Download the job's result files (the API's per-step metrics CSV) next to the manifest;
@@ -107,9 +114,9 @@ class FineTuneJob:
         saved, last = [], {}
         for fid in file_ids:
             try:
-                data = self.b.caller.call(f"download result file {fid}", lambda: self.b.client.files.content(fid)).read()
+                data = self.conn.caller.call(f"download result file {fid}", lambda: self.conn.client.files.content(fid)).read()
             except OpenAIAPIError as e:
-                self.b.log(f"could not download the job's result file: {e}")
+                self.conn.log(f"could not download the job's result file: {e}")
                 continue
             from ..journal import atomic_write_text
 
@@ -137,14 +144,14 @@ class FineTuneJob:
     def poll(self, state: dict) -> Any:
         """The succeeded job, polled with growing delays; FineTuneFailed if it fails or is cancelled."""
         job = state["job"]
-        delay = self.b.poll_interval
+        delay = self.poll_interval
         while True:
-            current = self.b.caller.call(f"fine-tuning job {job['id']}",
-                                         lambda: self.b.client.fine_tuning.jobs.retrieve(job["id"]))
+            current = self.conn.caller.call(f"fine-tuning job {job['id']}",
+                                         lambda: self.conn.client.fine_tuning.jobs.retrieve(job["id"]))
             if current.status != job.get("status"):
                 job["status"] = current.status
                 atomic_write_json(self.path, state)
-                self.b.log(f"fine-tuning job {job['id']}: {current.status}")
+                self.conn.log(f"fine-tuning job {job['id']}: {current.status}")
             if current.status == "succeeded":
                 if not current.fine_tuned_model:
                     raise OpenAIAPIError(f"fine-tuning job {job['id']} succeeded without a fine_tuned_model")
@@ -161,9 +168,33 @@ class FineTuneJob:
                 atomic_write_json(self.path, state)
                 raise FineTuneFailed(redact(
                     f"fine-tuning job {job['id']} {current.status}: {code or 'no code'}: {message or 'no message'}. "
-                    "Run again to start a new job (the uploaded files are re-used).", self.b._secrets))
-            self.b.sleep(delay)
-            delay = min(self.b.max_poll_interval, max(delay * 1.5, 0.0))
+                    "Run again to start a new job (the uploaded files are re-used).", self.conn.secrets))
+            self.conn.sleep(delay)
+            delay = min(self.max_poll_interval, max(delay * 1.5, 0.0))
+
+
+class OpenAITrainer:
+    """The :class:`~selfinterp.training.Trainer` of models on an OpenAI(-compatible) server: a
+    fine-tuning job per model (resumable: it re-attaches to the recorded files and job)."""
+
+    def __init__(self, settings: OpenAISettings, seed: int | None = None, suffix: str | None = None,
+                 log: Callable[[str], None] | None = None, sleep: Callable[[float], None] = time.sleep):
+        self.settings = settings
+        self.seed = seed
+        self.suffix = suffix
+        self.log = log
+        self.sleep = sleep
+
+    def fit(self, base: str, train: Path, val: Path | None, settings: TrainSettings, out: Path) -> ModelRef:
+        """Fine-tune the served model ``base`` on ``train``; the epochs are ``settings.epochs`` unless
+        the ``[openai]`` block sets ``n_epochs``. The metadata is the manifest written into ``out``."""
+        o = self.settings
+        conn = connect(o.base_url, o.api_key_env, o.concurrency, o.max_retries, o.timeout, o.backoff,
+                       sleep=self.sleep, log=self.log)
+        hp = {"n_epochs": settings.epochs if o.n_epochs is None else o.n_epochs, "batch_size": o.batch_size,
+              "learning_rate_multiplier": o.learning_rate_multiplier}
+        job = FineTuneJob(conn, base, Path(out), o.poll_interval, o.max_poll_interval)
+        return job.run(Path(train), Path(val) if val else None, self.seed, self.suffix, hp)
 
 
 def _dump(x: Any) -> Any:

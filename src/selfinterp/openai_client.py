@@ -16,6 +16,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
@@ -192,3 +193,34 @@ class Caller:
             return [self.call(what, f) for f in fns]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(fns))) as pool:
             return list(pool.map(lambda f: self.call(what, f), fns))
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One OpenAI(-compatible) server as the backend and the fine-tuning jobs both use it: the
+    SDK's client, the retry policy (:class:`Caller`), the secrets to redact, and where to log."""
+
+    client: Any
+    caller: Caller
+    base_url: str
+    secrets: tuple[str, ...]
+    log: Callable[[str], None]
+    sleep: Callable[[float], None]
+
+
+def connect(base_url: str = OFFICIAL_BASE_URL, api_key_env: str | None = "OPENAI_API_KEY", concurrency: int = 8,
+            max_retries: int = 6, timeout: float = 120.0, backoff: float = 1.0, max_backoff: float = 60.0,
+            sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] | None = None) -> Connection:
+    """A connection to the server at ``base_url`` with the key from ``api_key_env`` (the ``openai``
+    package is imported here: ``pip install 'selfinterp[openai]'``)."""
+    try:
+        import openai
+    except ImportError:
+        raise OpenAIAPIError("the openai backend needs the openai package: pip install 'selfinterp[openai]'") from None
+    key = read_api_key(api_key_env, base_url)
+    log = log or (lambda s: None)
+    # The SDK's own max_retries has the same policy (backoff, Retry-After) but retries silently:
+    # Caller adds what it lacks — a log line per retry (key redacted), a count, an injectable sleep.
+    client = openai.OpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=timeout)
+    return Connection(client, Caller(max_retries, backoff, max_backoff, concurrency, (key,), sleep, log),
+                      base_url, (key,), log, sleep)

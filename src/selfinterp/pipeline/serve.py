@@ -29,8 +29,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import modelref, models
-from .backends.vllm import adapter_rank
+from .. import modelref, models
+from ..backends.vllm import adapter_rank
 
 
 class ServeError(RuntimeError):
@@ -88,7 +88,7 @@ def serve_plan(target: str, name: str | None = None) -> Plan:
             elif m.get("method") == "lora":
                 p.skipped[which] = f"a LoRA on another fine-tuned model ({m.get('base_model')}); serve it alone: {alone}"
             else:
-                p.skipped[which] = f"{m.get('method', 'not a selfinterp.finetune')} fine-tuning; serve it alone: {alone}"
+                p.skipped[which] = f"{m.get('method', 'not a selfinterp.training.finetune')} fine-tuning; serve it alone: {alone}"
         return p
     path = models.resolve(target)
     default = target if target in models.REGISTRY else Path(str(target).rstrip("/")).name

@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .base import Messages
-from .openai_client import OFFICIAL_BASE_URL, public_url
+from ..backends.base import Messages
+from ..openai_client import OFFICIAL_BASE_URL, public_url
 
 # USD per million tokens. List prices as published by OpenAI in 2025 (check before spending; a run
 # overrides or extends this with `openai.prices` in its config). `ft_input`/`ft_output` are the
@@ -48,7 +48,7 @@ ASSUMED_AUTO_EPOCHS = 3  # for estimates when n_epochs is 'auto' (the API decide
 
 
 def estimate_plan(cfg: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Tokens and cost per stage of ``selfinterp.run.dry_run_rows`` rows for a run on the API (adds
+    """Tokens and cost per stage of ``selfinterp.pipeline.plan.dry_run_rows`` rows for a run on the API (adds
     ``input_tokens``, ``output_tokens``, ``training_tokens``, ``cost`` to each row; returns totals
     and notes). Token counts come from the run's real prompts and examples (about 4 characters a
     token); prices from :data:`PRICES` overridden by ``openai.prices``."""

@@ -21,9 +21,9 @@ Why not HF ``Trainer`` / TRL ``SFTTrainer``: they feed token ids through the who
 step and cannot train on cached activations, which is the main CPU speed-up here (4-7x per step,
 ``benchmarks/bench_finetune.md``); the loop below is short enough to read in one sitting.
 
-Run distributed on GPUs with ``accelerate launch --num_processes N -m selfinterp.finetune
+Run distributed on GPUs with ``accelerate launch --num_processes N -m selfinterp.training.finetune
 --base MODEL --train train.jsonl --out DIR [--val val.jsonl] [--config '{"epochs": 3}']``
-(DDP; FSDP is untested). On CPUs use ``torchrun --nproc_per_node N -m selfinterp.finetune ...``
+(DDP; FSDP is untested). On CPUs use ``torchrun --nproc_per_node N -m selfinterp.training.finetune ...``
 (gloo): ``accelerate launch --cpu`` starts several CPU processes only through MPI (mpirun).
 
 This module imports torch; ``import selfinterp`` never imports it.
@@ -50,11 +50,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import chat_template
-from . import decoder as dec
-from .config import TrainSettings
-from .journal import atomic_write, atomic_write_json
-from .modelref import (ADAPTER_DIR, MANIFEST, TOKENIZER_DIR, TRAINED_WEIGHTS, bf16_native, load_base, resolve_dtype,
+from .. import chat_template
+from .. import decoder as dec
+from ..config import TrainSettings
+from ..journal import atomic_write, atomic_write_json
+from ..modelref import (ADAPTER_DIR, MANIFEST, TOKENIZER_DIR, TRAINED_WEIGHTS, bf16_native, load_base, resolve_dtype,
                        torch_dtype)
 
 IGNORE = -100  # label value that cross-entropy ignores (prompt and padding positions)
@@ -736,7 +736,7 @@ def finetune(base_model: str | Path, train: str | Path | Iterable[dict[str, Any]
 
     bar = None
     if progress and main:
-        from .progress import bar as progress_bar
+        from ..progress import bar as progress_bar
 
         bar = progress_bar(info=True)  # a live bar on a terminal, periodic lines in a log file
         bar.start()
@@ -1031,7 +1031,7 @@ def release_memory() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line (for `accelerate launch -m selfinterp.finetune ...`)
+# Command line (for `accelerate launch -m selfinterp.training.finetune ...`)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1049,8 +1049,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from pydantic import ValidationError
 
-    from . import models
-    from .config import format_errors
+    from .. import models
+    from ..config import format_errors
 
     path = Path(args.config)
     source, text = (args.config, path.read_text()) if path.is_file() else ("--config", args.config)
