@@ -87,13 +87,18 @@ def read_api_key(api_key_env: str | None, base_url: str) -> str:
                          f"{local}")
 
 
+def _import_openai() -> Any:
+    try:
+        import openai
+    except ImportError:
+        raise OpenAIAPIError("the openai backend needs the openai package: pip install 'selfinterp[openai]'") from None
+    return openai
+
+
 def preflight(api_key_env: str | None, base_url: str) -> None:
     """What a run on the API needs before its first stage: the openai package and a key
     (:class:`OpenAIAPIError` otherwise, one line that says what to do)."""
-    try:
-        import openai  # noqa: F401
-    except ImportError:
-        raise OpenAIAPIError("the openai backend needs the openai package: pip install 'selfinterp[openai]'") from None
+    _import_openai()
     read_api_key(api_key_env, base_url)
 
 
@@ -213,10 +218,7 @@ def connect(base_url: str = OFFICIAL_BASE_URL, api_key_env: str | None = "OPENAI
             sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] | None = None) -> Connection:
     """A connection to the server at ``base_url`` with the key from ``api_key_env`` (the ``openai``
     package is imported here: ``pip install 'selfinterp[openai]'``)."""
-    try:
-        import openai
-    except ImportError:
-        raise OpenAIAPIError("the openai backend needs the openai package: pip install 'selfinterp[openai]'") from None
+    openai = _import_openai()
     key = read_api_key(api_key_env, base_url)
     log = log or (lambda s: None)
     # The SDK's own max_retries has the same policy (backoff, Retry-After) but retries silently:

@@ -7,10 +7,9 @@ The protocol needs two things from a model:
   raw P(A) + P(B) mass (how much the model answers in the format at all);
 - ``generate(chats, ...)``: free text, e.g. a self-report in JSON.
 
-Backends run models; they do not train them. A local model is trained by
-:mod:`selfinterp.training.finetune` and read back through :mod:`selfinterp.modelref`; the simulated and
-OpenAI backends also have a ``finetune`` method, because there the same service that runs the model
-trains it.
+Backends run models; they do not train them. Models are trained by :mod:`selfinterp.training`
+(the local trainer, OpenAI fine-tuning jobs, the simulated model's) and read back through
+:mod:`selfinterp.modelref` or, for the simulated model, its state file.
 
 Inputs are chats in the OpenAI ``messages`` format (from :mod:`selfinterp.prompts`) *without*
 the assistant's answer; each backend renders them with the model's own chat template.

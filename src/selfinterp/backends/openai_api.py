@@ -77,8 +77,8 @@ class OpenAIBackend:
     def __init__(self, model: str, base_url: str = OFFICIAL_BASE_URL, api_key_env: str | None = "OPENAI_API_KEY",
                  concurrency: int = 8, max_retries: int = 6, timeout: float = 120.0, backoff: float = 1.0,
                  max_backoff: float = 60.0, choice_method: str = "logprobs", n_samples: int = 20,
-                 response_format: str = "none", record_path: str | Path | None = None, sleep: Callable[[float], None] = time.sleep,
-                 log: Callable[[str], None] | None = None):
+                 response_format: str = "none", record_path: str | Path | None = None,
+                 sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] | None = None):
         if choice_method not in ("logprobs", "sample", "greedy"):
             raise ValueError(f"choice_method must be logprobs, sample or greedy, not {choice_method!r}")
         self.model = model
@@ -219,5 +219,3 @@ class OpenAIBackend:
             weights = dict(zip(names, parsed.weights)) if parsed.ok else None
             out.append(SelfReport(text=text, weights=weights, mode="constrained"))
         return out
-
-    # -- fine-tuning

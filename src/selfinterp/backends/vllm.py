@@ -54,8 +54,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import modelref, models, prompts
-from ..config import VLLMSettings
 from ..chat_template import ANSWER_LETTERS, answer_token_ids, encode, render, supports_system
+from ..config import VLLMSettings
 from .base import (WEIGHT_MAX, WEIGHT_MIN, ChoiceProbs, Messages, SelfReport, call_seeds,
                    json_object_end)
 

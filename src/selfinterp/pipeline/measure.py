@@ -62,13 +62,14 @@ def call_seed(*identity: Any) -> int:
     return int.from_bytes(digest[:8], "little") % (1 << 31)
 
 
-def _bar(run: Run, title: str, total: int):
+def _bar(run: Run, title: str):
     from ..progress import bar
 
     return bar(f"  {title}", console=run.console, disable=not run.progress)
 
+
 def call_in_batches(run: Run, which: str, title: str, items: Sequence[tuple], journal: Journal,
-                     call: Callable[[Any, Sequence[tuple]], list[dict]]) -> None:
+                    call: Callable[[Any, Sequence[tuple]], list[dict]]) -> None:
     """``call(backend, batch)`` over the items (keyed by their first element) that the
     journal does not hold yet, recording each batch's results as soon as they arrive. The model
     is loaded only if there is something left to do."""
@@ -76,7 +77,7 @@ def call_in_batches(run: Run, which: str, title: str, items: Sequence[tuple], jo
     try:
         if todo:
             backend = run.backend(which)
-            with _bar(run, title, len(items)) as bar:
+            with _bar(run, title) as bar:
                 task = bar.add_task("", total=len(items), completed=len(items) - len(todo))
                 for start in range(0, len(todo), run.cfg.batch_size):
                     batch = todo[start:start + run.cfg.batch_size]
@@ -86,8 +87,9 @@ def call_in_batches(run: Run, which: str, title: str, items: Sequence[tuple], jo
     finally:  # also when interrupted: the journal's writer lock goes with it
         journal.close()
 
+
 def choices(run: Run, which: str, scenarios: Sequence[Scenario], n_trials: int, purpose: str,
-                    counterbalance: bool, out_name: str) -> ChoiceMeasurement:
+            counterbalance: bool, out_name: str) -> ChoiceMeasurement:
     """Choices of a model on fresh pairs -> a selections CSV in the paper's layout."""
     items = []
     for s in scenarios:
@@ -114,6 +116,7 @@ def choices(run: Run, which: str, scenarios: Sequence[Scenario], n_trials: int, 
     run.output(path)
     return ChoiceMeasurement(out_name, items, np.array([journal[k]["p_a"] for k, _, _ in items]),
                              np.array([journal[k]["mass"] for k, _, _ in items]))
+
 
 def reports(run: Run, which: str, scenarios: Sequence[Scenario], version: str, out_name: str) -> ReportMeasurement:
     """Self-reports of a model -> a reports CSV in the paper's layout, raw replies beside it.
@@ -159,9 +162,9 @@ def reports(run: Run, which: str, scenarios: Sequence[Scenario], version: str, o
                      **{f"B_attribute_{j + 1}": v for j, v in enumerate(p.b)}})
     import pandas as pd
 
-    k = run.k
-    cols = ["explaining_model", "version", "scenario"] + [f"report_attr{j}" for j in range(1, k + 1)] + \
-        [f"{o}_attribute_{j}" for o in "AB" for j in range(1, k + 1)]
+    n_attrs = run.k
+    cols = ["explaining_model", "version", "scenario"] + [f"report_attr{j}" for j in range(1, n_attrs + 1)] + \
+        [f"{o}_attribute_{j}" for o in "AB" for j in range(1, n_attrs + 1)]
     path = run.path(out_name)
     atomic_write_text(path, pd.DataFrame(rows, columns=cols).to_csv(index=False))
     raw_path = run.path("raw", out_name.replace(".csv", ".jsonl"))

@@ -51,7 +51,7 @@ def dry_run_rows(cfg: RunConfig, device: Any = None) -> list[dict[str, Any]]:
             continue
         name, calls, examples, train = (stage.name, stage.model_calls(cfg), stage.training_examples(cfg),
                                         stage.train_settings(cfg))
-        kind = "choice" if stage.work.endswith("choices") else "report_" + cfg.report_mode if calls else None
+        kind = "choice" if stage.work in ("choices", "native_choices") else "report_" + cfg.report_mode if calls else None
         work = est.Work(name, "none")
         if local and calls:
             if kind == "choice":

@@ -24,8 +24,8 @@ from .. import design, modelref
 from ..config import RunConfig, TrainSettings
 from ..journal import Journal, atomic_write_json, sha256_file, sha256_json
 from ..scenarios import Scenario
-from .plan import estimate_run
 from .measure import report_curve_evaluator
+from .plan import estimate_run
 from .stages import STAGES, Stage
 
 STAGE_FORMAT = 1  # bump when a stage's outputs change meaning, to redo old runs' stages
@@ -280,9 +280,8 @@ class Run:
         cfg = self.cfg
         if cfg.backend == "simulated":
             from ..backends.simulated import SimulatedBackend
-            from ..modelref import ModelRef
 
-            ref = None if which == "base" else ModelRef("simulated", str(self.model_dir(which)))
+            ref = None if which == "base" else modelref.ModelRef("simulated", str(self.model_dir(which)))
             return SimulatedBackend(self.all_scenarios, cfg.simulated, cfg.seed, ref)
         if cfg.backend == "openai":
             from ..backends.openai_api import OpenAIBackend

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 
@@ -72,7 +72,7 @@ class Stage:
     fn: Callable[["Run"], dict[str, Any]]
     native: bool = False     # only when the run has native scenarios
     control: bool = False    # only with cross_model_control
-    work: str = ""
+    work: Literal["", "choices", "native_choices", "reports", "instill", "introspection"] = ""
     on: Callable[[RunConfig], int] = _none
 
     def model_calls(self, cfg: RunConfig) -> int:
@@ -376,49 +376,47 @@ _INFER = _MODEL_BACKEND + ("batch_size",)  # and what measuring reads (batch_siz
 # from instill's output, its declared need.
 _INTROSPECTION = _MODEL_BACKEND + ("introspection", "introspection_stop", "inner_fraction")
 
-_CHOICES, _NATIVE_CHOICES, _REPORTS_ON, _INSTILL, _ITRAIN = "choices", "native_choices", "reports", "instill", "introspection"
-
 STAGES: list[Stage] = [
     Stage("design", "scenarios, weights and fine-tuning datasets", (), _DESIGN, stage_design),
     Stage("instill", "fine-tune the base model on the preference examples", ("design",),
-          _MODEL_BACKEND + ("instill",), stage_instill, work=_INSTILL, on=_instilled),
+          _MODEL_BACKEND + ("instill",), stage_instill, work="instill", on=_instilled),
     Stage("validate", "held-out choices of the instilled model; the instillation gate", ("instill",),
           _INFER + ("n_eval_trials", "eval_counterbalance", "soft_targets", "gate"), stage_validate,
-          work=_CHOICES, on=_instilled),
+          work="choices", on=_instilled),
     Stage("reports_base", "the base model's self-reports (control)", ("design",), _INFER + _REPORTS,
-          stage_reports_base, work=_REPORTS_ON, on=_instilled),
+          stage_reports_base, work="reports", on=_instilled),
     Stage("reports_instilled", "the instilled model's self-reports", ("validate",), _INFER + _REPORTS,
-          stage_reports_instilled, work=_REPORTS_ON, on=_instilled),
+          stage_reports_instilled, work="reports", on=_instilled),
     Stage("itrain_first", "introspection training on the first half", ("instill",), _INTROSPECTION,
-          stage_itrain_first, work=_ITRAIN, on=_first),
+          stage_itrain_first, work="introspection", on=_first),
     Stage("itrain_last", "introspection training on the second half", ("instill",), _INTROSPECTION,
-          stage_itrain_last, work=_ITRAIN, on=_second),
+          stage_itrain_last, work="introspection", on=_second),
     Stage("itrain_all", "introspection training on every instilled scenario", ("instill",),
-          _INTROSPECTION, stage_itrain_all, native=True, work=_ITRAIN, on=_instilled),
+          _INTROSPECTION, stage_itrain_all, native=True, work="introspection", on=_instilled),
     Stage("reports_itrained_first", "reports on the second half after training on the first", ("itrain_first",),
-          _INFER + _REPORTS, stage_reports_itrained_first, work=_REPORTS_ON, on=_second),
+          _INFER + _REPORTS, stage_reports_itrained_first, work="reports", on=_second),
     Stage("reports_itrained_last", "reports on the first half after training on the second", ("itrain_last",),
-          _INFER + _REPORTS, stage_reports_itrained_last, work=_REPORTS_ON, on=_first),
+          _INFER + _REPORTS, stage_reports_itrained_last, work="reports", on=_first),
     Stage("native_choices", "the instilled model's choices on native scenarios", ("validate",),
           _INFER + ("n_native_trials", "eval_counterbalance", "soft_targets"), stage_native_choices, native=True,
-          work=_NATIVE_CHOICES, on=_native),
+          work="native_choices", on=_native),
     Stage("reports_native_instilled", "the instilled model's reports on native scenarios", ("validate",),
-          _INFER + _REPORTS, stage_reports_native_instilled, native=True, work=_REPORTS_ON, on=_native),
+          _INFER + _REPORTS, stage_reports_native_instilled, native=True, work="reports", on=_native),
     Stage("reports_native_itrained", "reports on native scenarios after training on all", ("itrain_all",),
-          _INFER + _REPORTS, stage_reports_native_itrained, native=True, work=_REPORTS_ON, on=_native),
+          _INFER + _REPORTS, stage_reports_native_itrained, native=True, work="reports", on=_native),
     Stage("itrain_control_first", "control: the base model given introspection training on the first half",
-          ("design",), _INTROSPECTION, stage_itrain_control_first, control=True, work=_ITRAIN, on=_first),
+          ("design",), _INTROSPECTION, stage_itrain_control_first, control=True, work="introspection", on=_first),
     Stage("itrain_control_last", "control: the base model given introspection training on the second half",
-          ("design",), _INTROSPECTION, stage_itrain_control_last, control=True, work=_ITRAIN, on=_second),
+          ("design",), _INTROSPECTION, stage_itrain_control_last, control=True, work="introspection", on=_second),
     Stage("itrain_control_all", "control: the base model given introspection training on every instilled scenario",
           ("design",), _INTROSPECTION, stage_itrain_control_all, native=True, control=True,
-          work=_ITRAIN, on=_instilled),
+          work="introspection", on=_instilled),
     Stage("reports_control_first", "control: its reports on the second half", ("itrain_control_first",),
-          _INFER + _REPORTS, stage_reports_control_first, control=True, work=_REPORTS_ON, on=_second),
+          _INFER + _REPORTS, stage_reports_control_first, control=True, work="reports", on=_second),
     Stage("reports_control_last", "control: its reports on the first half", ("itrain_control_last",),
-          _INFER + _REPORTS, stage_reports_control_last, control=True, work=_REPORTS_ON, on=_first),
+          _INFER + _REPORTS, stage_reports_control_last, control=True, work="reports", on=_first),
     Stage("reports_control_native", "control: its reports on native scenarios", ("itrain_control_all",),
-          _INFER + _REPORTS, stage_reports_control_native, native=True, control=True, work=_REPORTS_ON, on=_native),
+          _INFER + _REPORTS, stage_reports_control_native, native=True, control=True, work="reports", on=_native),
     Stage("analysis", "the paper's table, figures", (
         "validate", "reports_base", "reports_instilled", "reports_itrained_first", "reports_itrained_last",
         "native_choices", "reports_native_instilled", "reports_native_itrained", "reports_control_first",
